@@ -1,0 +1,150 @@
+"""Per-model-family quirks, in one registry: how to turn images + prompt into ModelInputs on a
+CPU worker, and how to collate a batch of them into `generate()` kwargs in the actor.
+
+The CPU side runs the model's own processor with rescaling and normalisation switched off,
+so tiling, resizing and placeholder expansion are exactly the processor's, while pixels stay
+uint8; the actor side finishes the job (x * rescale - mean) / std on its device. Add a family
+by writing one small adapter and registering it under the config's `model_type`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from actors.inputs import ModelInputs
+
+
+@dataclass(frozen=True)
+class PixelNorm:
+    rescale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @staticmethod
+    def of(image_processor) -> "PixelNorm":
+        return PixelNorm(
+            rescale=float(getattr(image_processor, "rescale_factor", 1 / 255)),
+            mean=tuple(image_processor.image_mean),
+            std=tuple(image_processor.image_std),
+        )
+
+    def apply(self, pixels: torch.Tensor, dtype: torch.dtype, channel_dim: int) -> torch.Tensor:
+        """uint8 -> normalised float, per channel along `channel_dim`."""
+        shape = [1] * pixels.dim()
+        shape[channel_dim] = -1
+        mean = torch.tensor(self.mean, device=pixels.device, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.std, device=pixels.device, dtype=torch.float32).view(shape)
+        return ((pixels.to(torch.float32) * self.rescale - mean) / std).to(dtype)
+
+
+class Adapter:
+    """The default: one processor call per row; subclasses say how pixels are laid out."""
+
+    # Video frames go in as single images this big (no per-frame grid), unless native video.
+    def frame_size(self, processor) -> tuple[int, int]:
+        crop = getattr(processor.image_processor, "crop_size", None) or {}
+        height = getattr(crop, "height", None) or (crop.get("height") if isinstance(crop, dict) else None)
+        width = getattr(crop, "width", None) or (crop.get("width") if isinstance(crop, dict) else None)
+        return (int(width or 336), int(height or 336))
+
+    def prepare(self, processor, images: list[Image.Image], kind: str, text: str) -> ModelInputs:
+        if kind == "video":
+            size = self.frame_size(processor)
+            images = [frame.resize(size, Image.Resampling.BICUBIC) for frame in images]
+        out = processor(
+            text=[text],
+            images=images or None,
+            return_tensors="np",
+            do_rescale=False,
+            do_normalize=False,
+        )
+        return self.pack(processor, out, len(images))
+
+    def pack(self, processor, out, n_images: int) -> ModelInputs:
+        raise NotImplementedError
+
+    def collate(self, items: list[ModelInputs], pad_token_id: int, norm: PixelNorm, device, dtype) -> dict:
+        raise NotImplementedError
+
+
+def left_pad(items: list[ModelInputs], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Token ids left-padded to the longest row, as generate() wants for decoder-only models."""
+    longest = max(len(item.input_ids) for item in items)
+    ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, longest - n :] = torch.from_numpy(item.input_ids.astype(np.int64))
+        mask[row, longest - n :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+class LlavaNextAdapter(Adapter):
+    """LLaVA-NeXT anyres (and MiniMax-VL-01's scheme): per image, a thumbnail plus grid tiles.
+
+    pixels: uint8 [total tiles of the row, 3, H, W]; extras: image_sizes [images, 2] and
+    tiles_per_image [images]. The batch pads every image to the same tile count, which the
+    model drops again using image_sizes.
+    """
+
+    def pack(self, processor, out, n_images: int) -> ModelInputs:
+        input_ids = out["input_ids"][0].astype(np.int32)
+        if n_images == 0:
+            return ModelInputs(input_ids=input_ids, pixels=None)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        pixel_values = out["pixel_values"]  # [images, max tiles, 3, H, W], padded
+        sizes = np.asarray(out["image_sizes"], dtype=np.int64).reshape(-1, 2)
+        counts = []
+        tiles = []
+        grid = processor.image_processor.image_grid_pinpoints
+        tile_size = pixel_values.shape[-1]
+        for index, size in enumerate(sizes):
+            count = image_size_to_num_patches(tuple(int(v) for v in size), grid, tile_size)
+            counts.append(count)
+            tiles.append(pixel_values[index, :count])
+        pixels = np.ascontiguousarray(np.concatenate(tiles).astype(np.uint8))
+        return ModelInputs(
+            input_ids=input_ids,
+            pixels=pixels,
+            extras={"image_sizes": sizes, "tiles_per_image": np.asarray(counts, dtype=np.int32)},
+            n_tiles=int(pixels.shape[0]),
+        )
+
+    def collate(self, items, pad_token_id, norm, device, dtype):
+        batch = left_pad(items, pad_token_id, device)
+        with_images = [item for item in items if item.pixels is not None]
+        if not with_images:
+            return batch
+        counts = np.concatenate([item.extras["tiles_per_image"] for item in with_images])
+        _, channels, height, width = with_images[0].pixels.shape
+        padded = torch.zeros((len(counts), int(counts.max()), channels, height, width), dtype=torch.uint8)
+        image = 0
+        for item in with_images:
+            start = 0
+            for count in item.extras["tiles_per_image"]:
+                padded[image, :count] = torch.from_numpy(item.pixels[start : start + count])
+                start += count
+                image += 1
+        sizes = np.concatenate([item.extras["image_sizes"] for item in with_images])
+        batch["pixel_values"] = norm.apply(padded.to(device), dtype, channel_dim=2)
+        batch["image_sizes"] = torch.from_numpy(sizes).to(device)
+        return batch
+
+
+ADAPTERS: dict[str, Callable[[], Adapter]] = {
+    "llava_next": LlavaNextAdapter,
+}
+
+
+def adapter_for(model_type: str) -> Adapter:
+    try:
+        return ADAPTERS[model_type]()
+    except KeyError:
+        known = ", ".join(sorted(ADAPTERS))
+        raise ValueError(f"no adapter for model_type {model_type!r}; known: {known}") from None

@@ -1,0 +1,30 @@
+"""The run summary as a short table on the terminal."""
+
+from __future__ import annotations
+
+import click
+
+
+def _fmt_ms(value) -> str:
+    return "-" if value is None else (f"{value:.0f}" if value >= 100 else f"{value:.1f}")
+
+
+def print_summary(summary: dict) -> None:
+    echo = click.echo
+    inv = summary["invariant"]
+    mark = "holds" if inv["ok"] else "BROKEN"
+    echo("")
+    echo(f"tessera · {summary['job']} · run {summary['run_id']}")
+    echo(f"  rows in     {summary['rows_in']:>8}   distinct manifest ids")
+    echo(f"  rows out    {summary['rows_out']:>8}   invariant rows in = rows out, each id once: {mark}")
+    echo(f"  ok          {summary['ok']:>8}")
+    echo(f"  errors      {summary['errors']:>8}" + ("   " + ", ".join(f"{code} {n}" for code, n in summary["errors_by_code"].items()) if summary["errors"] else ""))
+    if summary["duplicates"]["count"]:
+        echo(f"  duplicates  {summary['duplicates']['count']:>8}   manifest.duplicate_id (listed in summary.json)")
+    echo(f"  throughput  {summary['throughput_rows_per_s'] or 0:>8.2f}   rows/s over {summary['wall_s']:.1f} s")
+    lat = summary["latency_ms"]
+    echo("  latency ms  " + "   ".join(f"{stage[:-3]} p50 {_fmt_ms(v['p50'])} p95 {_fmt_ms(v['p95'])}" for stage, v in lat.items()))
+    echo(f"  tokens      {summary['tokens']['input']} in, {summary['tokens']['output']} out; re-asks {summary['reasks']}, cut at the limit {summary['truncated']}")
+    echo(f"  results     {summary['output']['run_dir']}")
+    echo(f"  summary     {summary['output']['path']}/_runs/{summary['run_id']}/summary.json")
+    echo(f"  query       duckdb -c \"SELECT status, error_code, count(*) FROM read_parquet('{summary['output']['path']}/**/*.parquet') GROUP BY ALL\"")

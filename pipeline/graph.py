@@ -1,0 +1,131 @@
+"""The Ray Data graph of a job: read -> dedupe -> prepare (CPU) -> infer (actors) -> commit.
+
+Everything streams: the driver only ever sees one small stats row per committed file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+import ray.data
+
+from actors.loading import ResolvedModel
+from actors.predictor import Predictor
+from pipeline import storage
+from pipeline.manifests import ManifestDatasource
+from pipeline.prepare import PrepareContext, prepare_batch
+from pipeline.sink import SinkContext, commit_batch
+from schemas.errors import DUPLICATE_ID
+from schemas.spec import JobSpec
+
+PREPARE_BATCH_ROWS = 8
+# Rough size of one result row in Parquet, to turn output.target_file_mb into rows per file.
+_RESULT_ROW_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Resources the graph asks Ray for, decided once from the spec and the cluster."""
+
+    replicas: tuple[int, int]
+    gpus_per_replica: float
+    cpus_per_replica: float
+    cpu_concurrency: int
+    rows_per_file: int
+    shuffle_partitions: int
+
+
+def make_plan(spec: JobSpec, manifest_bytes: int) -> Plan:
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    gpus = spec.model.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    low, high = (spec.model.replicas,) * 2 if isinstance(spec.model.replicas, int) else spec.model.replicas
+    cpus_per_replica = 1.0
+    decode_cpus = max(1, cpus - (0 if gpus else int(low * cpus_per_replica)))
+    rows_per_file = spec.output.rows_per_file or max(1, int(spec.output.target_file_mb * 1e6 / _RESULT_ROW_BYTES))
+    return Plan(
+        replicas=(low, high),
+        gpus_per_replica=gpus,
+        cpus_per_replica=cpus_per_replica,
+        cpu_concurrency=spec.ray.cpu_concurrency or decode_cpus,
+        rows_per_file=rows_per_file,
+        # ~64 MB of manifest per shuffle partition keeps each partition's memory bounded.
+        shuffle_partitions=max(2, min(1000, max(cpus, math.ceil(manifest_bytes / 64e6)))),
+    )
+
+
+def build_dataset(
+    spec: JobSpec,
+    run_id: str,
+    files: list[str],
+    model: ResolvedModel,
+    prompt_sha256: str,
+    json_schema: dict | None,
+    plan: Plan,
+    limit: int | None = None,
+) -> ray.data.Dataset:
+    ds = read_manifest(spec, files, limit)
+    ds = ds.groupby("id", num_partitions=plan.shuffle_partitions).map_groups(
+        first_occurrence, batch_format="pyarrow"
+    )
+    ds = ds.map_batches(
+        prepare_batch,
+        fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model)},
+        batch_size=PREPARE_BATCH_ROWS,
+        batch_format="pyarrow",
+        num_cpus=1,
+        concurrency=plan.cpu_concurrency,
+    )
+    low, high = plan.replicas
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"resolved": model, "model_spec": spec.model, "task_spec": spec.task},
+        batch_size=spec.model.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high, max_tasks_in_flight_per_actor=spec.model.batches_in_flight
+        ),
+        num_gpus=plan.gpus_per_replica,
+        num_cpus=plan.cpus_per_replica,
+        **({"accelerator_type": spec.model.accelerator_type} if spec.model.accelerator_type else {}),
+    )
+    sink = SinkContext(
+        run_id=run_id,
+        spec=spec,
+        model_uri=model.uri,
+        model_revision=model.revision,
+        prompt_sha256=prompt_sha256,
+        json_schema=json_schema,
+    )
+    return ds.map_batches(
+        commit_batch, fn_kwargs={"ctx": sink}, batch_size=plan.rows_per_file, batch_format="pyarrow", num_cpus=0.5
+    )
+
+
+def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> ray.data.Dataset:
+    ds = ray.data.read_datasource(ManifestDatasource(files, spec.input, spec.storage))
+    return ds.limit(limit) if limit else ds
+
+
+def first_occurrence(group: pa.Table) -> pa.Table:
+    """All manifest rows of one id: the first in manifest order goes on; the others are
+    marked as duplicates, which the sink counts and lists but never writes."""
+    if group.num_rows == 1:
+        return group
+    group = group.sort_by("position")
+    codes = group.column("error_code").to_pylist()[:1] + [DUPLICATE_ID] * (group.num_rows - 1)
+    index = group.schema.get_field_index("error_code")
+    return group.set_column(index, "error_code", pa.array(codes, pa.string()))
+
+
+def manifest_bytes(files: list[str], spec: JobSpec) -> int:
+    total = 0
+    for uri in files:
+        fs, path = storage.filesystem(uri, spec.storage)
+        total += int(fs.info(path).get("size") or 0)
+    return total

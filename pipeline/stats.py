@@ -1,0 +1,153 @@
+"""Small, mergeable run statistics: counts by code and latency histograms.
+
+Each committed file reports its own stats; the driver merges them. Histograms have fixed
+log-spaced buckets, so merging is addition and memory stays constant however many rows run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Bucket i covers [BASE * GROWTH**(i-1), BASE * GROWTH**i) milliseconds; bucket 0 is < BASE.
+_BASE_MS = 0.01
+_GROWTH = 1.15
+_BUCKETS = 160  # up to ~5e7 ms
+
+
+def _bucket(value_ms: float) -> int:
+    if value_ms < _BASE_MS:
+        return 0
+    return min(_BUCKETS - 1, 1 + int(math.log(value_ms / _BASE_MS, _GROWTH)))
+
+
+def _upper(bucket: int) -> float:
+    return _BASE_MS * _GROWTH**bucket
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
+
+    def add(self, value_ms: float | None) -> None:
+        if value_ms is not None and value_ms == value_ms:  # skip None and NaN
+            self.counts[_bucket(value_ms)] += 1
+
+    def merge(self, other: "Histogram") -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """Upper edge of the bucket holding the q-quantile (within 15 %)."""
+        total = self.total
+        if not total:
+            return None
+        rank = q * total
+        running = 0
+        for index, count in enumerate(self.counts):
+            running += count
+            if running >= rank and count:
+                return round(_upper(index), 3)
+        return round(_upper(_BUCKETS - 1), 3)
+
+    def to_sparse(self) -> dict[str, int]:
+        return {str(i): c for i, c in enumerate(self.counts) if c}
+
+    @staticmethod
+    def from_sparse(sparse: dict[str, int]) -> "Histogram":
+        hist = Histogram()
+        for index, count in sparse.items():
+            hist.counts[int(index)] += count
+        return hist
+
+
+STAGES = ("fetch_ms", "decode_ms", "infer_ms")
+# The summary lists at most this many duplicate ids (it counts all of them).
+MAX_LISTED_DUPLICATES = 1000
+
+
+@dataclass
+class BatchStats:
+    """What one committed file contributes to the run summary."""
+
+    rows: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    pixel_bytes: int = 0
+    reasks: int = 0
+    truncated: int = 0
+    latency: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in STAGES})
+    duplicates: int = 0
+    duplicate_examples: list[dict] = field(default_factory=list)  # {id, source}
+
+    def add_duplicate(self, row: dict) -> None:
+        self.duplicates += 1
+        if len(self.duplicate_examples) < MAX_LISTED_DUPLICATES:
+            self.duplicate_examples.append({"id": row["id"], "source": row.get("source")})
+
+    def add_row(self, row: dict) -> None:
+        self.rows += 1
+        if row.get("error_code"):
+            self.errors[row["error_code"]] += 1
+        else:
+            self.ok += 1
+        self.input_tokens += row.get("input_tokens") or 0
+        self.output_tokens += row.get("output_tokens") or 0
+        self.pixel_bytes += row.get("pixel_bytes") or 0
+        self.reasks += row.get("reasks") or 0
+        self.truncated += 1 if row.get("truncated") else 0
+        for stage in STAGES:
+            self.latency[stage].add(row.get(stage))
+
+    def merge(self, other: "BatchStats") -> None:
+        self.rows += other.rows
+        self.ok += other.ok
+        self.errors.update(other.errors)
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.pixel_bytes += other.pixel_bytes
+        self.reasks += other.reasks
+        self.truncated += other.truncated
+        for stage in STAGES:
+            self.latency[stage].merge(other.latency[stage])
+        self.duplicates += other.duplicates
+        room = MAX_LISTED_DUPLICATES - len(self.duplicate_examples)
+        self.duplicate_examples.extend(other.duplicate_examples[: max(0, room)])
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "pixel_bytes": self.pixel_bytes,
+            "reasks": self.reasks,
+            "truncated": self.truncated,
+            "latency": {stage: hist.to_sparse() for stage, hist in self.latency.items()},
+            "duplicates": self.duplicates,
+            "duplicate_examples": self.duplicate_examples,
+        }
+
+    @staticmethod
+    def from_dict(data: dict) -> "BatchStats":
+        stats = BatchStats(
+            rows=data["rows"],
+            ok=data["ok"],
+            errors=Counter(data["errors"]),
+            input_tokens=data["input_tokens"],
+            output_tokens=data["output_tokens"],
+            pixel_bytes=data["pixel_bytes"],
+            reasks=data["reasks"],
+            truncated=data["truncated"],
+            duplicates=data.get("duplicates", 0),
+            duplicate_examples=list(data.get("duplicate_examples", [])),
+        )
+        stats.latency = {stage: Histogram.from_sparse(data["latency"].get(stage, {})) for stage in STAGES}
+        return stats
