@@ -1,23 +1,65 @@
-"""structlog set up once per process: JSON lines on stderr, one event per line."""
+"""structlog set up once per process: JSON lines on stderr, one event per line.
+
+Secret values never reach a log line: every string in an event is scanned for the values of
+credential-like environment variables (and of variables forwarded to a cluster with
+`--forward-env`) and each occurrence is replaced by `***`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import structlog
+
+MASK = "***"
+# Name parts that mark an environment variable as a credential (AWS_SECRET_ACCESS_KEY, HF_TOKEN…).
+_SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|KEY)(_|$)", re.IGNORECASE)
+# Shorter values are too likely to occur by chance in ordinary text to be masked usefully.
+_MIN_SECRET_LEN = 6
+_secrets: set[str] = set()
+
+
+def mask_values(values) -> None:
+    """Mask these values in every later log line of this process."""
+    _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
+
+
+def secret_env_values(environ=os.environ) -> list[str]:
+    return [value for name, value in environ.items() if _SECRET_NAME.search(name)]
+
+
+def _mask(value):
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v) for v in value]
+    return value
+
+
+def mask_secrets(_logger, _method, event_dict):
+    """structlog processor: replace every known secret value by `***`."""
+    return _mask(event_dict) if _secrets else event_dict
 
 
 def configure_logging(level: str | None = None, **context) -> None:
     """JSON lines with a timestamp and level; `context` (job, run_id, tick…) on every line."""
     level_name = (level or os.environ.get("TESSERA_LOG_LEVEL") or "INFO").upper()
+    mask_values(secret_env_values())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks,
+            mask_secrets,
             structlog.processors.JSONRenderer(default=str),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
