@@ -56,7 +56,8 @@ def sample_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_spec(tmp_path):
-    """make_spec(manifest, **sections) -> a validated JobSpec writing under tmp_path."""
+    """make_spec(manifest, **sections) -> a validated JobSpec writing under tmp_path.
+    Sections merge into the defaults, except `task`, which replaces the default task."""
     from schemas.spec import parse_spec
 
     def build(manifest, name: str = "test-job", **sections):
@@ -68,7 +69,7 @@ def make_spec(tmp_path):
             "task": {"preset": "moderation"},
         }
         for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
+            if key != "task" and isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
