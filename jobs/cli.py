@@ -27,6 +27,23 @@ def _load(spec_path: str, overrides: tuple[str, ...]):
         sys.exit(EXIT_USAGE)
 
 
+def _at_tick(spec, tick: str | None):
+    """The spec rendered for `--tick` (and the tick), or unchanged when it has no tick templates."""
+    from jobs.ticks import TickError, parse_tick, render_for_tick, uses_tick
+
+    if tick is None:
+        if uses_tick(spec):
+            click.echo("error: input.manifest uses {{ tick }}: pass --tick TIME (ISO 8601) or --tick latest", err=True)
+            sys.exit(EXIT_USAGE)
+        return spec, None
+    try:
+        tick_time = parse_tick(tick, spec)
+        return render_for_tick(spec, tick_time).resolved(), tick_time
+    except TickError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tessera")
 def main() -> None:
@@ -52,16 +69,29 @@ set_option = click.option(
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N manifest rows (for a quick try).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (rows, media kinds, resolved spec) and exit without running the model.")
 @click.option("--run-id", help="Use this run id instead of a fresh one.")
-def run(spec_path, overrides, ray_address, limit, dry_run, run_id):
+@click.option("--tick", metavar="TIME|latest", help="Run as the scheduled run of this tick: an ISO 8601 time, or `latest` "
+              "(the most recent tick of the spec's schedule). Renders `{{ tick }}` in input.manifest.")
+@click.option("--env-file", type=click.Path(exists=True, dir_okay=False), help="Set the variables in this JSON file "
+              "first (written by `tessera submit --forward-env`); their values are masked in logs.")
+def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_file):
     """Run the job in SPEC.yaml to its end and print a summary."""
+    if env_file:
+        from jobs.forward_env import load_env_file
+
+        load_env_file(env_file)
     spec = _load(spec_path, overrides)
-    configure_logging(job=spec.name)
+    spec, tick_time = _at_tick(spec, tick)
+    tick_text = tick_time.isoformat() if tick_time else None
     if dry_run:
         from jobs.plan import print_dry_run
 
+        configure_logging(job=spec.name, tick=tick_text)
         print_dry_run(spec, limit)
         return
-    from pipeline.run import run_job
+    from pipeline.run import new_run_id, run_job
+
+    run_id = run_id or new_run_id()  # made here, so that every log line of the run carries it
+    configure_logging(job=spec.name, run_id=run_id, tick=tick_text)
 
     try:
         summary = run_job(spec, run_id=run_id, ray_address=ray_address, limit=limit)
@@ -124,6 +154,181 @@ def sample(directory, images, videos):
 
     manifest = write_sample_corpus(directory, n_images=images, n_videos=videos)
     click.echo(f"wrote {manifest}")
+
+
+# --- on a cluster: submit, status, logs, stop, list, schedule (jobs/submit.py, jobs/schedule.py) ---
+
+address_option = click.option(
+    "--address", metavar="URL",
+    help="The cluster's Ray dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS).",
+)
+forward_option = click.option(
+    "--forward-env", "forward", multiple=True, metavar="NAME",
+    help="Give the job this variable of your environment (repeatable). It does not go in the runtime env, "
+    "which Ray's dashboard shows, and is masked in logs. Prefer the cluster's own credentials.",
+)
+ship_code_option = click.option(
+    "--ship-code/--no-ship-code", default=True, show_default=True,
+    help="Send this tessera's code with the job, or use the tessera installed in the cluster's image.",
+)
+
+
+def _cluster(action):
+    """Run `action()`; turn the errors of talking to a cluster into a message and an exit status."""
+    from jobs.forward_env import ForwardEnvError
+    from jobs.submit import BadRequest, SubmitError
+    from jobs.ticks import TickError
+
+    try:
+        return action()
+    except (BadRequest, ForwardEnvError, TickError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except SubmitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _exit_with(status: str) -> None:
+    click.echo(status)
+    sys.exit(0 if status == "SUCCEEDED" else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
+@set_option
+@address_option
+@forward_option
+@ship_code_option
+@click.option("--tick", metavar="TIME|latest", help="Submit it as the run of this tick (renders `{{ tick }}` in input.manifest).")
+@click.option("--submission-id", help="Use this submission id (default: <job name>-<run id>).")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 0 if it SUCCEEDED, 1 otherwise.")
+@click.option("--follow", is_flag=True, help="Print the job's logs as they come until it ends; exit as with --wait.")
+def submit(spec_path, overrides, address, forward, ship_code, tick, submission_id, wait, follow):
+    """Submit the job in SPEC.yaml to a Ray cluster and print its submission id.
+
+    \b
+    The job carries this tessera's code and the resolved spec; the cluster's image provides
+    the dependencies (infra/Dockerfile). Follow it with `tessera status ID` and
+    `tessera logs ID --follow`. Local paths in the spec must exist on the cluster's nodes.
+    """
+    from jobs import submit as jobs_submit
+
+    spec = _load(spec_path, overrides)
+    spec, tick_time = _at_tick(spec, tick)
+    configure_logging(job=spec.name, tick=tick_time.isoformat() if tick_time else None)
+    client = _cluster(lambda: jobs_submit.connect(address))
+    submission = _cluster(lambda: jobs_submit.submit_spec(
+        client, spec, submission_id=submission_id, tick=tick_time, forward=forward, ship_code=ship_code))
+    click.echo(submission.submission_id)
+    if follow:
+        _cluster(lambda: jobs_submit.follow_logs(client, submission.submission_id, lambda text: click.echo(text, nl=False)))
+    if wait or follow:
+        _exit_with(_cluster(lambda: jobs_submit.wait_until_done(client, submission.submission_id)))
+
+
+@main.command()
+@click.argument("submission_id", metavar="ID")
+@address_option
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 0 if it SUCCEEDED, 1 otherwise.")
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def status(submission_id, address, wait, as_json):
+    """Show a submitted job: status, job name, run id, tick, times, Ray's message (the error of a
+    FAILED job), and where its results and summary are."""
+    from jobs import submit as jobs_submit
+
+    client = _cluster(lambda: jobs_submit.connect(address))
+    if wait:
+        _cluster(lambda: jobs_submit.wait_until_done(client, submission_id))
+    described = jobs_submit.describe(_cluster(lambda: jobs_submit.job_info(client, submission_id)))
+    click.echo(json.dumps(described, indent=2) if as_json else jobs_submit.format_status(described))
+    if wait and described["status"] != "SUCCEEDED":
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("submission_id", metavar="ID")
+@address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+def logs(submission_id, address, follow):
+    """Print the logs of a submitted job (tessera's lines are JSON with job, run_id and tick)."""
+    from jobs import submit as jobs_submit
+
+    client = _cluster(lambda: jobs_submit.connect(address))
+    if follow:
+        _cluster(lambda: jobs_submit.follow_logs(client, submission_id, lambda text: click.echo(text, nl=False)))
+    else:
+        click.echo(_cluster(lambda: jobs_submit.job_logs(client, submission_id)), nl=False)
+
+
+@main.command()
+@click.argument("submission_id", metavar="ID")
+@address_option
+@click.option("--wait", is_flag=True, help="Wait until the job has stopped.")
+def stop(submission_id, address, wait):
+    """Stop a submitted job (Ray sends its driver SIGTERM, then SIGKILL)."""
+    from jobs import submit as jobs_submit
+
+    client = _cluster(lambda: jobs_submit.connect(address))
+    if not _cluster(lambda: jobs_submit.stop_job(client, submission_id)):
+        click.echo(f"{submission_id} had already ended: {_cluster(lambda: jobs_submit.status_of(client, submission_id))}")
+        return
+    click.echo(f"stopping {submission_id}")
+    if wait:
+        click.echo(_cluster(lambda: jobs_submit.wait_until_done(client, submission_id)))
+
+
+@main.command(name="list")
+@address_option
+@click.option("--job", "job_name", metavar="NAME", help="Only the runs of this job.")
+@click.option("--all", "include_all", is_flag=True, help="Every job on the cluster, not only tessera's.")
+@click.option("--json", "as_json", is_flag=True, help="Print them as JSON.")
+def list_jobs(address, job_name, include_all, as_json):
+    """List the jobs submitted to the cluster, oldest first."""
+    from jobs import submit as jobs_submit
+
+    client = _cluster(lambda: jobs_submit.connect(address))
+    found = _cluster(lambda: jobs_submit.tessera_jobs(client, job_name, include_all))
+    if as_json:
+        click.echo(json.dumps([jobs_submit.describe(info) for info in found], indent=2))
+    else:
+        click.echo(jobs_submit.format_table(found))
+
+
+@main.command()
+@click.argument("spec_paths", metavar="SPEC.yaml...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@set_option
+@address_option
+@forward_option
+@ship_code_option
+@click.option("--poll-seconds", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="How often to look at the cluster between ticks (for held-back ticks and deadlines).")
+@click.option("--once", is_flag=True, help="Look once, submit what is due now, and exit (e.g. when run by an outside cron).")
+def schedule(spec_paths, overrides, address, forward, ship_code, poll_seconds, once):
+    """Run the schedules of the specs: submit each job to the cluster at its cron ticks.
+
+    \b
+    Each spec needs `schedule: {cron: "0 3 * * *", timezone: UTC, concurrency_policy: forbid,
+    starting_deadline_seconds: 3600}`, with the semantics of a Kubernetes CronJob. The cluster
+    holds the only state: restart the scheduler at any time, a tick is never submitted twice
+    (its submission id is the job name and the tick time). Stop it with Ctrl-C or SIGTERM.
+    """
+    from jobs import submit as jobs_submit
+    from jobs.forward_env import collect
+    from jobs.schedule import ScheduledJob, Scheduler, stop_on_signals
+
+    configure_logging()
+    jobs = [_cluster(lambda path=path: ScheduledJob.from_spec(_load(path, overrides), source=path)) for path in spec_paths]
+    for job in jobs:
+        _cluster(lambda job=job: jobs_submit.check_no_credentials(job.spec))
+    _cluster(lambda: collect(forward))  # a missing variable is an error now, not at the first tick
+    client = _cluster(lambda: jobs_submit.connect(address))
+    scheduler = _cluster(lambda: Scheduler(jobs, client, forward=forward, ship_code=ship_code, poll_seconds=poll_seconds))
+    if once:
+        for submission in _cluster(scheduler.step):
+            click.echo(submission.submission_id)
+        return
+    _cluster(lambda: scheduler.run_forever(stop_on_signals()))
 
 
 if __name__ == "__main__":
