@@ -20,8 +20,8 @@ from actors.inputs import ModelInputs
 from actors.loading import ResolvedModel
 from schemas.errors import ErrorCode
 from schemas.rows import INFERRED_SCHEMA
-from schemas.spec import ModelSpec, TaskSpec
-from schemas.tasks import resolve_task
+from schemas.spec import ModelSpec
+from schemas.tasks import Task
 
 
 @dataclass
@@ -35,9 +35,9 @@ class _Item:
 
 
 class Predictor:
-    def __init__(self, resolved: ResolvedModel, model_spec: ModelSpec, task_spec: TaskSpec):
+    def __init__(self, resolved: ResolvedModel, model_spec: ModelSpec, task: Task):
         self.backend = make_backend(resolved, model_spec)
-        self.task = resolve_task(task_spec)
+        self.task = task
         self.model_spec = model_spec
 
     def __call__(self, batch: pa.Table) -> pa.Table:

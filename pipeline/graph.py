@@ -20,8 +20,12 @@ from pipeline.prepare import PrepareContext, prepare_batch
 from pipeline.sink import SinkContext, commit_batch
 from schemas.errors import DUPLICATE_ID
 from schemas.spec import JobSpec
+from schemas.tasks import Task
 
 PREPARE_BATCH_ROWS = 8
+# Ray fuses a task stage into the next actor stage when their remote args are equal; the CPU
+# stage must stay separate so decoding overlaps inference. Its own retry policy keeps them apart.
+PREPARE_MAX_RETRIES = 3
 # Rough size of one result row in Parquet, to turn output.target_file_mb into rows per file.
 _RESULT_ROW_BYTES = 4096
 
@@ -64,8 +68,7 @@ def build_dataset(
     run_id: str,
     files: list[str],
     model: ResolvedModel,
-    prompt_sha256: str,
-    json_schema: dict | None,
+    task: Task,
     plan: Plan,
     limit: int | None = None,
 ) -> ray.data.Dataset:
@@ -75,16 +78,17 @@ def build_dataset(
     )
     ds = ds.map_batches(
         prepare_batch,
-        fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model)},
+        fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model, task=task)},
         batch_size=PREPARE_BATCH_ROWS,
         batch_format="pyarrow",
         num_cpus=1,
         concurrency=plan.cpu_concurrency,
+        max_retries=PREPARE_MAX_RETRIES,
     )
     low, high = plan.replicas
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"resolved": model, "model_spec": spec.model, "task_spec": spec.task},
+        fn_constructor_kwargs={"resolved": model, "model_spec": spec.model, "task": task},
         batch_size=spec.model.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
@@ -99,8 +103,8 @@ def build_dataset(
         spec=spec,
         model_uri=model.uri,
         model_revision=model.revision,
-        prompt_sha256=prompt_sha256,
-        json_schema=json_schema,
+        prompt_sha256=task.prompt_sha256,
+        json_schema=task.json_schema,
     )
     return ds.map_batches(
         commit_batch, fn_kwargs={"ctx": sink}, batch_size=plan.rows_per_file, batch_format="pyarrow", num_cpus=0.5

@@ -21,7 +21,7 @@ from pipeline import decode, storage
 from schemas.errors import ErrorCode, ItemError
 from schemas.rows import PREPARED_SCHEMA
 from schemas.spec import JobSpec
-from schemas.tasks import Task, resolve_task
+from schemas.tasks import Task
 
 _JINJA = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
@@ -31,6 +31,7 @@ class PrepareContext:
     run_id: str
     spec: JobSpec
     model: ResolvedModel
+    task: Task  # resolved once on the driver
 
 
 class Preparer:
@@ -40,7 +41,7 @@ class Preparer:
         self.spec = ctx.spec
         self.processor = load_processor(ctx.model.path, ctx.model.trust_remote_code)
         self.adapter = adapter_for(ctx.model.model_type)
-        self.task: Task = resolve_task(ctx.spec.task)
+        self.task = ctx.task
         self.template = _JINJA.from_string(self.task.prompt_template)
 
     def prepare_batch(self, batch: pa.Table) -> pa.Table:

@@ -75,7 +75,7 @@ def run_job(
     files = manifest_files(spec.input, spec.storage)
     plan = make_plan(spec, manifest_bytes(files, spec))
     bound.info("run_started", ray=address, manifests=len(files), model=model.uri, revision=model.revision, plan=plan.__dict__)
-    ds = build_dataset(spec, run_id, files, model, task.prompt_sha256, task.json_schema, plan, limit)
+    ds = build_dataset(spec, run_id, files, model, task, plan, limit)
 
     totals, timeline, files_written = BatchStats(), [], []
     last_log = time.time()

@@ -86,12 +86,24 @@ def load_output_schema(ref: str) -> tuple[type[BaseModel] | None, dict[str, Any]
     if not sep:
         raise ValueError(f"task.output_schema {ref!r}: expected 'module:PydanticModel' or a .json file")
     try:
-        model = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
+        model = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"task.output_schema {ref!r}: {exc}") from None
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise ValueError(f"task.output_schema {ref!r} is not a pydantic model")
+    _ship_by_value(module)
     return model, model.model_json_schema()
+
+
+def _ship_by_value(module) -> None:
+    """The task travels to Ray workers pickled; a user's schema module may not be importable
+    there (it lives next to the spec, not in an installed package), so send its code along."""
+    for name in ("ray.cloudpickle", "cloudpickle"):  # Ray vendors its own copy
+        try:
+            importlib.import_module(name).register_pickle_by_value(module)
+        except (ImportError, ValueError):
+            pass
 
 
 def task_from_preset_or_schema(name: str) -> Task:
