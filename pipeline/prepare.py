@@ -43,6 +43,7 @@ class Preparer:
         self.adapter = adapter_for(ctx.model.model_type)
         self.task = ctx.task
         self.template = _JINJA.from_string(self.task.prompt_template)
+        self.fetch_policy = storage.FetchPolicy.from_spec(ctx.spec)
 
     def prepare_batch(self, batch: pa.Table) -> pa.Table:
         out = [self.prepare_row(row) for row in batch.to_pylist()]
@@ -65,7 +66,7 @@ class Preparer:
         n_frames = n_pages = 0
         for uri in row["uris"]:
             started = time.perf_counter()
-            fetched = storage.fetch(uri, self.spec.storage, media.max_bytes)
+            fetched = storage.fetch(uri, self.spec.storage, self.fetch_policy)
             fetch_ms += (time.perf_counter() - started) * 1000
             versions.append(fetched.version or "")
             started = time.perf_counter()

@@ -130,13 +130,43 @@ class MediaSpec(_Strict):
     pdf: PdfSpec = Field(default_factory=PdfSpec)
 
 
+# Option names that hold credentials: those come from the environment, a profile or a role,
+# never from a spec (specs are printed, hashed, logged and committed to git).
+_CREDENTIAL_KEY = re.compile(
+    r"^(key|secret|token|password|username)$|secret|passw|token|credential|account_key|sas|connection_string",
+    re.IGNORECASE,
+)
+
+
 class StorageSpec(_Strict):
-    endpoint_url: str | None = None
+    """How to reach object storage. See docs/storage.md."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS).")
     region: str | None = None
-    profile: str | None = None
+    profile: str | None = Field(None, description="A profile of ~/.aws/config (else AWS_PROFILE, else the default chain).")
     anonymous: bool = False
     requester_pays: bool = False
-    client_kwargs: dict[str, Any] = Field(default_factory=dict)
+    client_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra botocore client kwargs (s3).")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Extra fsspec options per protocol, e.g. {gs: {project: p}, az: {account_name: a}}."
+    )
+    retries: int = Field(8, ge=0, description="Retries of manifest and result I/O on throttling, 5xx and broken connections.")
+
+    @field_validator("client_kwargs", "options")
+    @classmethod
+    def _no_credentials(cls, value: dict) -> dict:
+        def walk(node: Any, where: str) -> None:
+            if isinstance(node, dict):
+                for key, child in node.items():
+                    if _CREDENTIAL_KEY.search(str(key)):
+                        raise ValueError(
+                            f"{where}{key} looks like a credential; credentials never go in a spec: use the "
+                            "environment, a profile (storage.profile) or an instance role (docs/storage.md)"
+                        )
+                    walk(child, f"{where}{key}.")
+
+        walk(value, "")
+        return value
 
 
 class RaySpec(_Strict):
