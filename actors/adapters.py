@@ -45,6 +45,10 @@ class PixelNorm:
 class Adapter:
     """The default: one processor call per row; subclasses say how pixels are laid out."""
 
+    # True when the family can take images the CPU worker has already cut into uint8 tiles
+    # (pipeline/tiling.py, which reproduces its processor), skipping the processor's own.
+    accepts_tiles = False
+
     # Video frames go in as single images this big (no per-frame grid), unless native video.
     def frame_size(self, processor) -> tuple[int, int]:
         crop = getattr(processor.image_processor, "crop_size", None) or {}
@@ -64,6 +68,11 @@ class Adapter:
             do_normalize=False,
         )
         return self.pack(processor, out, len(images))
+
+    def prepare_tiled(self, processor, tiles: list[np.ndarray], sizes: list[tuple[int, int]], text: str) -> ModelInputs:
+        """Like `prepare`, for images already tiled: uint8 [tiles, 3, H, W] and the
+        (width, height) the model is told, per image."""
+        raise NotImplementedError(f"{type(self).__name__} does not take pre-tiled images")
 
     def pack(self, processor, out, n_images: int) -> ModelInputs:
         raise NotImplementedError
@@ -91,6 +100,28 @@ class LlavaNextAdapter(Adapter):
     tiles_per_image [images]. The batch pads every image to the same tile count, which the
     model drops again using image_sizes.
     """
+
+    accepts_tiles = True
+
+    def prepare_tiled(self, processor, tiles, sizes, text):
+        # The processor's own placeholder expansion and tokenizer, fed with our tiles: the
+        # token count comes from the size the model is told, as when the processor tiles.
+        image_inputs = {"pixel_values": tiles, "image_sizes": [(height, width) for width, height in sizes]}
+        replacements = [processor.replace_image_token(image_inputs, image_idx=i) for i in range(len(tiles))]
+        texts, _ = processor.get_text_with_replacements([text], replacements)
+        input_ids = processor.tokenizer(texts, return_tensors="np")["input_ids"][0].astype(np.int32)
+        if not tiles:
+            return ModelInputs(input_ids=input_ids, pixels=None)
+        pixels = np.ascontiguousarray(np.concatenate(tiles))
+        return ModelInputs(
+            input_ids=input_ids,
+            pixels=pixels,
+            extras={
+                "image_sizes": np.asarray(image_inputs["image_sizes"], dtype=np.int64).reshape(-1, 2),
+                "tiles_per_image": np.asarray([len(t) for t in tiles], dtype=np.int32),
+            },
+            n_tiles=int(pixels.shape[0]),
+        )
 
     def pack(self, processor, out, n_images: int) -> ModelInputs:
         input_ids = out["input_ids"][0].astype(np.int32)

@@ -1,30 +1,81 @@
-"""Bytes -> RGB images the model will see: images (Pillow), videos (PyAV), PDFs (pypdfium2).
+"""Bytes -> what the model sees: sniff the kind from the bytes, decode (images.py, video.py,
+pdf.py), and shape it for the model (tiling.py) — all of it in one call, `prepare_media`,
+so that it can run in an isolated child process (isolation.py) and only the small, final
+uint8 pixels travel back.
 
-The kind is sniffed from the bytes, not the extension. Every failure is an `ItemError` with
-a decode/video/pdf code; nothing else escapes.
+Every failure is an `ItemError` with a decode/video/pdf code; nothing else escapes.
 """
 
 from __future__ import annotations
 
-import io
-import math
+import os
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image
 
+from pipeline.images import Picture, decode_animation, decode_image
+from pipeline.pdf import decode_pdf
+from pipeline.tiling import AnyresPlan
+from pipeline.video import decode_video
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import MediaSpec
 
-# Pillow's own bomb check would raise a warning/exception at its own limit; ours is the spec's.
-Image.MAX_IMAGE_PIXELS = None
+# ISO-BMFF brands of still images (HEIF, AVIF); any other `ftyp` is a video container.
+_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+# ISO-BMFF top-level boxes a file may start with when it has no `ftyp` (old QuickTime).
+_BMFF_BOXES = (b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+# Audio-only containers: read as video so that the row says "no video stream" rather than
+# "unsupported".
+_AUDIO_MAGIC = (b"ID3", b"fLaC", b"OggS", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+TEST_HOOKS_ENV = "TESSERA_TEST_HOOKS"
+TEST_HOOK_PREFIX = b"TESSERA-TEST-HOOK:"
 
 
 @dataclass
 class DecodedMedia:
     kind: str  # "image" | "video" | "pdf"
-    images: list[Image.Image] = field(default_factory=list)  # RGB, in prompt order
+    pictures: list[Picture] = field(default_factory=list)  # in prompt order
     n_frames: int | None = None
     n_pages: int | None = None
+    as_frames: bool = False  # video frames (or an animation): shown at frame size, no grid
+    decoded_frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """What the model needs, decided once per worker from its processor."""
+
+    frame_size: tuple[int, int]  # (width, height) of each video frame the model sees
+    plan: AnyresPlan | None = None  # tile here; None: the model's processor tiles
+
+
+@dataclass
+class ModelMedia:
+    """One media item, ready for the model's adapter: pre-cut uint8 tiles when the worker
+    tiles itself, else RGB images at the size the model is told."""
+
+    kind: str
+    sizes: list[tuple[int, int]]  # (width, height) per image, as the model is told
+    tiles: list[np.ndarray] | None = None  # uint8 [tiles, 3, H, W] per image
+    images: list[Image.Image] | None = None
+    n_frames: int | None = None
+    n_pages: int | None = None
+
+    def split(self) -> list["ModelMedia"]:
+        """One ModelMedia per image (PDF page mode: a row per page)."""
+        return [
+            ModelMedia(
+                self.kind,
+                [size],
+                tiles=None if self.tiles is None else [self.tiles[index]],
+                images=None if self.images is None else [self.images[index]],
+                n_frames=1 if self.n_frames else None,
+                n_pages=1 if self.n_pages else None,
+            )
+            for index, size in enumerate(self.sizes)
+        ]
 
 
 def sniff_kind(data: bytes) -> str | None:
@@ -32,143 +83,94 @@ def sniff_kind(data: bytes) -> str | None:
     if head.startswith(b"%PDF"):
         return "pdf"
     if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        return "image" if brand in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1") else "video"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):  # Matroska / WebM
+        return "image" if head[8:12] in _IMAGE_BRANDS else "video"
+    if head[4:8] in _BMFF_BOXES:
         return "video"
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")):
-        return "image"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "image"
-    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska / WebM
         return "video"
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")):
+        return "image"
+    if head.startswith(b"RIFF"):
+        return {b"WEBP": "image", b"AVI ": "video", b"WAVE": "video"}.get(head[8:12])
+    if head.startswith((b"FLV", *_AUDIO_MAGIC)) or (len(data) > 188 and data[0] == 0x47 and data[188] == 0x47):
+        return "video"  # FLV, audio-only files, MPEG-TS
+    if b"%PDF-" in data[:1024]:  # readers accept a PDF header after some junk; so does pdfium
+        return "pdf"
     return None
 
 
-def decode(data: bytes, media_type: str | None, media: MediaSpec, max_side: int | None = None) -> DecodedMedia:
+def decode(data: bytes, media_type: str | None, media: MediaSpec, shaping: Shaping | None = None) -> DecodedMedia:
+    """Decode one item. With a tiling plan, pictures may hold fewer pixels than their size
+    says (never fewer than the plan needs); without one, exactly their size."""
+    run_test_hook(data)
     kind = sniff_kind(data) or media_type
+    target = shaping.plan.source_size if shaping and shaping.plan else None
+    frame_size = shaping.frame_size if shaping else None
     if kind == "image":
-        return DecodedMedia(kind="image", images=[decode_image(data, media, max_side)])
+        if media.image.gif_mode == "frames" and _is_animated(data):
+            frames = decode_animation(data, media.image, media.video, frame_size)
+            return DecodedMedia("image", frames, n_frames=len(frames), as_frames=True)
+        return DecodedMedia("image", [decode_image(data, media.image, target)])
     if kind == "video":
-        frames = decode_video(data, media)
-        return DecodedMedia(kind="video", images=frames, n_frames=len(frames))
+        video = decode_video(data, media.video, frame_size)
+        return DecodedMedia("video", video.pictures, n_frames=len(video.pictures), as_frames=True, decoded_frames=video.decoded_frames)
     if kind == "pdf":
-        pages = decode_pdf(data, media)
-        return DecodedMedia(kind="pdf", images=pages, n_pages=len(pages))
-    raise ItemError(ErrorCode.DECODE_UNSUPPORTED, "the bytes are not an image, video or PDF format we read")
+        pages = decode_pdf(data, media.pdf, media.image, target)
+        return DecodedMedia("pdf", pages, n_pages=len(pages))
+    raise ItemError(ErrorCode.DECODE_UNSUPPORTED, f"the bytes are not an image, video or PDF we read (they start with {data[:8]!r})")
 
 
-def decode_image(data: bytes, media: MediaSpec, max_side: int | None = None) -> Image.Image:
+def _is_animated(data: bytes) -> bool:
+    import io
+
     try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as exc:  # Pillow raises many types for bad bytes
-        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot open image: {exc}") from None
-    width, height = image.size
-    if width * height > media.image.hard_max_pixels:
-        raise ItemError(
-            ErrorCode.DECODE_TOO_MANY_PIXELS,
-            f"image declares {width}x{height} = {width * height} pixels, over media.image.hard_max_pixels",
-        )
+        with Image.open(io.BytesIO(data)) as image:
+            return bool(getattr(image, "is_animated", False))
+    except Exception:  # noqa: BLE001 - decode_image will say what is wrong with it
+        return False
+
+
+def prepare_media(data: bytes, media_type: str | None, media: MediaSpec, shaping: Shaping) -> ModelMedia:
+    """Decode and shape one item for the model. Never raises anything but ItemError."""
     try:
-        image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
-    except Exception as exc:
-        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot decode image: {exc}") from None
-    return limit_pixels(image, media.image.max_pixels)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def limit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
-    if not max_pixels or image.width * image.height <= max_pixels:
-        return image
-    scale = math.sqrt(max_pixels / (image.width * image.height))
-    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
-
-
-def decode_video(data: bytes, media: MediaSpec) -> list[Image.Image]:
-    import av
-
-    spec = media.video
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise ItemError(ErrorCode.VIDEO_NO_VIDEO_STREAM, "the file has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            duration = _duration_seconds(container, stream)
-            if duration is not None and duration > spec.hard_max_seconds:
-                raise ItemError(
-                    ErrorCode.VIDEO_TOO_LONG,
-                    f"video is {duration:.0f} s long, over media.video.hard_max_seconds={spec.hard_max_seconds:.0f}",
-                )
-            times = sample_times(duration or spec.max_seconds, spec.fps, spec.max_seconds, spec.max_frames, spec.long_policy)
-            frames = _frames_at(container, stream, times)
+        decoded = decode(data, media_type, media, shaping)
+        return shape(decoded, shaping)
     except ItemError:
         raise
-    except Exception as exc:
-        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot decode video: {type(exc).__name__}: {exc}") from None
-    if not frames:
-        raise ItemError(ErrorCode.DECODE_CORRUPT, "the video has no decodable frames")
-    return frames
+    except MemoryError:
+        raise ItemError(ErrorCode.DECODE_TOO_MANY_PIXELS, "ran out of memory decoding the item") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must still be one error row
+        raise ItemError(ErrorCode.DECODE_CORRUPT, f"unexpected {type(exc).__name__} while decoding: {exc}") from None
 
 
-def _duration_seconds(container, stream) -> float | None:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / 1_000_000
-    return None
+def shape(decoded: DecodedMedia, shaping: Shaping) -> ModelMedia:
+    sizes = [picture.size for picture in decoded.pictures]
+    media = ModelMedia(decoded.kind, sizes, n_frames=decoded.n_frames, n_pages=decoded.n_pages)
+    if shaping.plan is not None:
+        media.tiles = [shaping.plan.tile_image(p.image, p.size) for p in decoded.pictures]
+    else:
+        media.images = [p.image for p in decoded.pictures]
+    return media
 
 
-def sample_times(duration: float, fps: float, max_seconds: float, max_frames: int, policy: str) -> list[float]:
-    """Sample times in seconds: `fps` over the first `max_seconds`, or spread uniformly over
-    a longer video (policy `uniform`), never more than `max_frames`."""
-    step = 1.0 / fps
-    count = max(1, min(max_frames, int(min(duration, max_seconds) * fps) or 1))
-    if policy == "uniform" and duration > max_seconds:
-        step = duration / count
-    return [i * step for i in range(count)]
+def run_test_hook(data: bytes) -> None:
+    """TEST-ONLY: lets tests make a decoder really crash or hang, to prove isolation works.
 
+    Inert unless the environment has TESSERA_TEST_HOOKS=1 *and* the bytes start with
+    `TESSERA-TEST-HOOK:<action>`; production never sets the variable, and then such bytes
+    are merely an unsupported format.
+    """
+    if not data.startswith(TEST_HOOK_PREFIX) or os.environ.get(TEST_HOOKS_ENV) != "1":
+        return
+    action = data[len(TEST_HOOK_PREFIX) :].split(b"\n", 1)[0].strip()
+    if action == b"abort":
+        os.abort()
+    if action == b"segfault":
+        import ctypes
 
-def _frames_at(container, stream, times: list[float]) -> list[Image.Image]:
-    frames: list[Image.Image] = []
-    pending = list(times)
-    for frame in container.decode(stream):
-        if frame.time is None:
-            continue
-        while pending and frame.time + 1e-6 >= pending[0]:
-            pending.pop(0)
-            if not frames or frames[-1] is not frame:
-                frames.append(frame.to_image())
-        if not pending:
-            break
-    return frames
+        ctypes.string_at(0)
+    if action == b"hang":
+        import time
 
-
-def decode_pdf(data: bytes, media: MediaSpec) -> list[Image.Image]:
-    try:
-        import pypdfium2 as pdfium
-    except ImportError:
-        raise ItemError(ErrorCode.DECODE_UNSUPPORTED, "PDF support needs the 'pdf' extra (pypdfium2)") from None
-    try:
-        document = pdfium.PdfDocument(data)
-    except pdfium.PdfiumError as exc:
-        if "password" in str(exc).lower():
-            raise ItemError(ErrorCode.PDF_ENCRYPTED, "the PDF is encrypted") from None
-        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot open PDF: {exc}") from None
-    pages = []
-    scale = media.pdf.dpi / 72
-    for index in range(min(len(document), media.pdf.max_pages)):
-        pages.append(document[index].render(scale=scale).to_pil().convert("RGB"))
-    return pages
+        while True:
+            time.sleep(3600)

@@ -1,5 +1,10 @@
-"""The CPU stage: ManifestRow -> PreparedRow. Fetch the media, decode it, render the prompt,
-and run the model's processor so that only token ids and uint8 pixels cross to the actor.
+"""The CPU stage: ManifestRow -> PreparedRow. Fetch the media, decode and tile it, render the
+prompt, and build the model's inputs so that only token ids and uint8 pixels cross to the actor.
+
+Decoding (and tiling, where pipeline/tiling.py reproduces the model's processor) runs in an
+isolated child process (pipeline/isolation.py) unless media.isolation is `none`, so a file
+that crashes or hangs a native decoder is one error row. With media.pdf.mode `page`, a row
+whose media are PDFs leaves as one row per page, with ids `<id>#p<N>`.
 
 Runs as Ray tasks on CPU workers; the processor is loaded once per worker process. Every
 failure becomes the row's error fields; rows that arrive as errors leave untouched.
@@ -18,9 +23,12 @@ from jinja2.sandbox import SandboxedEnvironment
 from actors.adapters import adapter_for
 from actors.loading import ResolvedModel, load_processor
 from pipeline import decode, storage
+from pipeline.decode import ModelMedia, Shaping
+from pipeline.isolation import IsolatedCaller
+from pipeline.tiling import AnyresPlan
 from schemas.errors import ErrorCode, ItemError
 from schemas.rows import PREPARED_SCHEMA
-from schemas.spec import JobSpec
+from schemas.spec import JobSpec, MediaSpec
 from schemas.tasks import Task
 
 _JINJA = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
@@ -41,61 +49,76 @@ class Preparer:
         self.spec = ctx.spec
         self.processor = load_processor(ctx.model.path, ctx.model.trust_remote_code)
         self.adapter = adapter_for(ctx.model.model_type)
+        plan = AnyresPlan.from_processor(self.processor.image_processor) if self.adapter.accepts_tiles else None
+        self.decoder = MediaDecoder(ctx.spec.media, Shaping(self.adapter.frame_size(self.processor), plan))
         self.task = ctx.task
         self.template = _JINJA.from_string(self.task.prompt_template)
         self.fetch_policy = storage.FetchPolicy.from_spec(ctx.spec)
 
     def prepare_batch(self, batch: pa.Table) -> pa.Table:
-        out = [self.prepare_row(row) for row in batch.to_pylist()]
+        out = [prepared for row in batch.to_pylist() for prepared in self.prepare_rows(row)]
         return pa.Table.from_pylist(out, schema=PREPARED_SCHEMA)
 
-    def prepare_row(self, row: dict) -> dict:
+    def prepare_rows(self, row: dict) -> list[dict]:
+        """The row, prepared or carrying its error; one row per page in PDF page mode."""
         for name in PREPARED_SCHEMA.names:
             row.setdefault(name, None)
         if row["error_code"] is not None:
-            return row
+            return [row]
         try:
-            self._prepare(row)
+            return self._prepare(row)
         except ItemError as exc:
             row["error_code"], row["error_message"] = exc.code.value, exc.message
-        return row
+            return [row]
 
-    def _prepare(self, row: dict) -> None:
-        media = self.spec.media
-        images, versions, fetch_ms, decode_ms = [], [], 0.0, 0.0
-        n_frames = n_pages = 0
+    def close(self) -> None:
+        self.decoder.close()
+
+    def _prepare(self, row: dict) -> list[dict]:
+        items, versions, fetch_ms, decode_ms = [], [], 0.0, 0.0
         for uri in row["uris"]:
             started = time.perf_counter()
             fetched = storage.fetch(uri, self.spec.storage, self.fetch_policy)
             fetch_ms += (time.perf_counter() - started) * 1000
             versions.append(fetched.version or "")
             started = time.perf_counter()
-            decoded = decode.decode(fetched.data, row["media_type"], media)
-            if decoded.kind == "video":
-                size = self.adapter.frame_size(self.processor)
-                decoded.images = [frame.resize(size) for frame in decoded.images]
+            items.append(self.decoder(fetched.data, row["media_type"], uri))
             decode_ms += (time.perf_counter() - started) * 1000
-            images.extend(decoded.images)
-            n_frames += decoded.n_frames or 0
-            n_pages += decoded.n_pages or 0
-            row["media_type"] = row["media_type"] or decoded.kind
+        row["media_type"] = row["media_type"] or items[0].kind
+        row.update(content_version="|".join(versions) if any(versions) else None, fetch_ms=fetch_ms)
+        if self.spec.media.pdf.mode == "page" and all(item.kind == "pdf" for item in items):
+            pages = [page for item in items for page in item.split()]
+            # Each page row gets its share of the document's fetch and decode time.
+            rows = [dict(row, id=f"{row['id']}#p{number}") for number in range(1, len(pages) + 1)]
+            for page_row, page in zip(rows, pages):
+                page_row.update(fetch_ms=fetch_ms / len(pages))
+                self._fill(page_row, [page], decode_ms / len(pages))
+            return rows
+        self._fill(row, items, decode_ms)
+        return [row]
+
+    def _fill(self, row: dict, items: list[ModelMedia], decode_ms: float) -> None:
+        """Prompt and model inputs for the row's media, all images in order."""
         started = time.perf_counter()
-        text = self.render_prompt(row, len(images))
+        sizes = [size for item in items for size in item.sizes]
+        text = self.render_prompt(row, len(sizes))
         try:
-            inputs = self.adapter.prepare(self.processor, images, "image", text)
+            if all(item.tiles is not None for item in items):
+                tiles = [tile for item in items for tile in item.tiles]
+                inputs = self.adapter.prepare_tiled(self.processor, tiles, sizes, text)
+            else:
+                images = [image for item in items for image in item.images]
+                inputs = self.adapter.prepare(self.processor, images, "image", text)
         except Exception as exc:
             raise ItemError(ErrorCode.PREPARE_ERROR, f"the model's processor rejected the input: {exc}") from None
-        decode_ms += (time.perf_counter() - started) * 1000
         row.update(
-            content_version="|".join(versions) if any(versions) else None,
             model_inputs=inputs.to_bytes(),
             n_tiles=inputs.n_tiles,
-            n_frames=n_frames or None,
-            n_pages=n_pages or None,
+            n_frames=sum(item.n_frames or 0 for item in items) or None,
+            n_pages=sum(item.n_pages or 0 for item in items) or None,
             input_tokens=len(inputs.input_ids),
             pixel_bytes=inputs.pixel_bytes,
-            fetch_ms=fetch_ms,
-            decode_ms=decode_ms,
+            decode_ms=decode_ms + (time.perf_counter() - started) * 1000,
         )
 
     def render_prompt(self, row: dict, n_images: int) -> str:
@@ -118,6 +141,30 @@ def build_chat_text(processor, prompt: str, n_images: int, system_prompt: str | 
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+class MediaDecoder:
+    """`decode.prepare_media` for one item: in an isolated child process (media.isolation =
+    process: a crash or hang is this item's error row) or in this worker (none)."""
+
+    def __init__(self, media: MediaSpec, shaping: Shaping):
+        self.media, self.shaping = media, shaping
+        self.isolated = IsolatedCaller() if media.isolation == "process" else None
+
+    def __call__(self, data: bytes, media_type: str | None, uri: str) -> ModelMedia:
+        try:
+            if self.isolated is None:
+                return decode.prepare_media(data, media_type, self.media, self.shaping)
+            return self.isolated.call(
+                decode.prepare_media, data, media_type, self.media, self.shaping,
+                timeout_s=self.media.decode_timeout_s, what="this item",
+            )
+        except ItemError as exc:
+            raise ItemError(exc.code, f"{uri}: {exc.message}") from None
+
+    def close(self) -> None:
+        if self.isolated is not None:
+            self.isolated.close()
+
+
 _PREPARERS: dict[str, Preparer] = {}
 
 
@@ -125,6 +172,8 @@ def prepare_batch(batch: pa.Table, ctx: PrepareContext) -> pa.Table:
     """Entry point for `map_batches`: one Preparer per worker process and run."""
     preparer = _PREPARERS.get(ctx.run_id)
     if preparer is None:
+        for old in _PREPARERS.values():
+            old.close()
         _PREPARERS.clear()
         preparer = _PREPARERS[ctx.run_id] = Preparer(ctx)
     return preparer.prepare_batch(batch)

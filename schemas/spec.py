@@ -112,6 +112,7 @@ class VideoSpec(_Strict):
     max_frames: int = Field(60, ge=1)
     long_policy: Literal["uniform", "truncate"] = "uniform"
     hard_max_seconds: float = Field(4 * 3600.0, gt=0)
+    threads: int = Field(2, ge=0, description="Decoder threads per video (0: as many as libav wants).")
 
 
 class PdfSpec(_Strict):
@@ -125,6 +126,11 @@ class MediaSpec(_Strict):
     fetch_timeout_s: float = Field(30.0, gt=0)
     fetch_retries: int = Field(5, ge=0)
     decode_timeout_s: float = Field(60.0, gt=0)
+    isolation: Literal["process", "none"] = Field(
+        "process",
+        description="process: native decoders run in a child process per CPU worker, so a file that crashes "
+        "or hangs them becomes one error row (decode.crashed / decode.timeout); none: in the worker itself.",
+    )
     image: ImageSpec = Field(default_factory=ImageSpec)
     video: VideoSpec = Field(default_factory=VideoSpec)
     pdf: PdfSpec = Field(default_factory=PdfSpec)
