@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.images import Picture, decode_animation, decode_image
+from pipeline.images import Picture, decode_animation, decode_image, image_format
 from pipeline.pdf import decode_pdf
 from pipeline.tiling import AnyresPlan
 from pipeline.video import decode_video
@@ -88,10 +88,10 @@ def sniff_kind(data: bytes) -> str | None:
         return "video"
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska / WebM
         return "video"
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")):
+    if image_format(head):
         return "image"
     if head.startswith(b"RIFF"):
-        return {b"WEBP": "image", b"AVI ": "video", b"WAVE": "video"}.get(head[8:12])
+        return {b"AVI ": "video", b"WAVE": "video"}.get(head[8:12])
     if head.startswith((b"FLV", *_AUDIO_MAGIC)) or (len(data) > 188 and data[0] == 0x47 and data[188] == 0x47):
         return "video"  # FLV, audio-only files, MPEG-TS
     if b"%PDF-" in data[:1024]:  # readers accept a PDF header after some junk; so does pdfium

@@ -72,26 +72,71 @@ Image.init()
 _OPENABLE = tuple(name for name in FORMATS if name in Image.OPEN)
 
 
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format the first bytes announce (None: not one of ours, or ISO-BMFF)."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def webp_declared_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP's first chunk. Checked before Pillow opens a WebP, because
+    libwebp's animation decoder allocates the whole canvas when it opens the file."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30:
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
+
+
 def open_image(data: bytes, spec: ImageSpec) -> Image.Image:
     """Parse the header only (no pixels yet) and refuse what declares too many pixels."""
+    fmt = image_format(data)
+    declared = webp_declared_size(data) if fmt == "WEBP" else None
+    if declared:
+        _check_pixels("WEBP", *declared, spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Truncated File Read" or odd EXIF: judged at load()
             image = Image.open(io.BytesIO(data), formats=_OPENABLE)
     except Image.UnidentifiedImageError:
+        if fmt:
+            raise ItemError(ErrorCode.DECODE_CORRUPT, f"the bytes start like a {fmt} image but its header is broken") from None
         raise ItemError(ErrorCode.DECODE_UNSUPPORTED, "not an image format we read (" + ", ".join(_OPENABLE) + ")") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad headers
-        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot read the image header: {_describe(exc)}") from None
+        raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot read the {fmt or 'image'} header: {_describe(exc)}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise ItemError(ErrorCode.DECODE_CORRUPT, f"the image header declares an empty size {width}x{height}")
+    _check_pixels(image.format, width, height, spec)
+    return image
+
+
+def _check_pixels(fmt: str, width: int, height: int, spec: ImageSpec) -> None:
     if width * height > spec.hard_max_pixels:
         raise ItemError(
             ErrorCode.DECODE_TOO_MANY_PIXELS,
-            f"{image.format} header declares {width}x{height} = {width * height:,} pixels, over "
+            f"{fmt} header declares {width}x{height} = {width * height:,} pixels, over "
             f"media.image.hard_max_pixels = {spec.hard_max_pixels:,}; refused before decoding",
         )
-    return image
 
 
 def decode_image(data: bytes, spec: ImageSpec, target: Target | None = None) -> Picture:
