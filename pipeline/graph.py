@@ -1,4 +1,5 @@
-"""The Ray Data graph of a job: read -> dedupe -> prepare (CPU) -> infer (actors) -> commit.
+"""The Ray Data graph of a job: read -> select due (dedupe + resume) -> prepare (CPU) ->
+infer (actors) -> commit.
 
 Everything streams: the driver only ever sees one small stats row per committed file.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyarrow as pa
 import ray
 import ray.data
 
@@ -17,8 +17,8 @@ from actors.predictor import Predictor
 from pipeline import storage
 from pipeline.manifests import ManifestDatasource
 from pipeline.prepare import PrepareContext, prepare_batch
+from pipeline.resume import COMMITTED_COLUMNS, ResumePolicy, committed_to_union, decide, manifest_to_union
 from pipeline.sink import SinkContext, commit_batch
-from schemas.errors import DUPLICATE_ID
 from schemas.spec import JobSpec
 from schemas.tasks import Task
 
@@ -70,12 +70,11 @@ def build_dataset(
     model: ResolvedModel,
     task: Task,
     plan: Plan,
+    policy: ResumePolicy,
+    committed: list[str],
     limit: int | None = None,
 ) -> ray.data.Dataset:
-    ds = read_manifest(spec, files, limit)
-    ds = ds.groupby("id", num_partitions=plan.shuffle_partitions).map_groups(
-        first_occurrence, batch_format="pyarrow"
-    )
+    ds = select_due(read_manifest(spec, files, limit), committed, policy, plan.shuffle_partitions)
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model, task=task)},
@@ -116,15 +115,15 @@ def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> 
     return ds.limit(limit) if limit else ds
 
 
-def first_occurrence(group: pa.Table) -> pa.Table:
-    """All manifest rows of one id: the first in manifest order goes on; the others are
-    marked as duplicates, which the sink counts and lists but never writes."""
-    if group.num_rows == 1:
-        return group
-    group = group.sort_by("position")
-    codes = group.column("error_code").to_pylist()[:1] + [DUPLICATE_ID] * (group.num_rows - 1)
-    index = group.schema.get_field_index("error_code")
-    return group.set_column(index, "error_code", pa.array(codes, pa.string()))
+def select_due(manifest: ray.data.Dataset, committed: list[str], policy: ResumePolicy, partitions: int) -> ray.data.Dataset:
+    """One hash-partitioned pass over manifest rows and earlier results: dedupe and resume."""
+    union = manifest.map_batches(manifest_to_union, batch_format="pyarrow")
+    if committed:
+        earlier = ray.data.read_parquet(committed, columns=COMMITTED_COLUMNS)
+        union = union.union(earlier.map_batches(committed_to_union, batch_format="pyarrow"))
+    return union.groupby("id", num_partitions=partitions).map_groups(
+        decide, fn_kwargs={"policy": policy}, batch_format="pyarrow"
+    )
 
 
 def manifest_bytes(files: list[str], spec: JobSpec) -> int:

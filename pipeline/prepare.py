@@ -26,7 +26,7 @@ from pipeline import decode, storage
 from pipeline.decode import ModelMedia, Shaping
 from pipeline.isolation import IsolatedCaller
 from pipeline.tiling import AnyresPlan
-from schemas.errors import ErrorCode, ItemError
+from schemas.errors import SKIPPED, ErrorCode, ItemError
 from schemas.rows import PREPARED_SCHEMA
 from schemas.spec import JobSpec, MediaSpec
 from schemas.tasks import Task
@@ -63,6 +63,7 @@ class Preparer:
         """The row, prepared or carrying its error; one row per page in PDF page mode."""
         for name in PREPARED_SCHEMA.names:
             row.setdefault(name, None)
+        row["manifest_id"] = row["id"]
         if row["error_code"] is not None:
             return [row]
         try:
@@ -75,6 +76,9 @@ class Preparer:
         self.decoder.close()
 
     def _prepare(self, row: dict) -> list[dict]:
+        if row["resume_version"] is not None and self._unchanged(row):
+            row["error_code"] = SKIPPED  # committed by an earlier run, and the media did not change
+            return [row]
         items, versions, fetch_ms, decode_ms = [], [], 0.0, 0.0
         for uri in row["uris"]:
             started = time.perf_counter()
@@ -89,13 +93,20 @@ class Preparer:
         if self.spec.media.pdf.mode == "page" and all(item.kind == "pdf" for item in items):
             pages = [page for item in items for page in item.split()]
             # Each page row gets its share of the document's fetch and decode time.
-            rows = [dict(row, id=f"{row['id']}#p{number}") for number in range(1, len(pages) + 1)]
+            rows = [dict(row, id=f"{row['id']}#p{number}", manifest_id=row["id"]) for number in range(1, len(pages) + 1)]
             for page_row, page in zip(rows, pages):
                 page_row.update(fetch_ms=fetch_ms / len(pages))
                 self._fill(page_row, [page], decode_ms / len(pages))
             return rows
         self._fill(row, items, decode_ms)
         return [row]
+
+    def _unchanged(self, row: dict) -> bool:
+        try:
+            versions = [storage.current_version(uri, self.spec.storage) or "" for uri in row["uris"]]
+        except OSError:
+            return False  # cannot tell: process it again (the fetch will name the problem)
+        return "|".join(versions) == row["resume_version"]
 
     def _fill(self, row: dict, items: list[ModelMedia], decode_ms: float) -> None:
         """Prompt and model inputs for the row's media, all images in order."""

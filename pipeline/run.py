@@ -1,13 +1,20 @@
 """Run one job: connect to Ray, build the graph, stream it to the end, verify, summarise.
 
 The driver iterates only over stats rows (one per committed file). After the stream ends it
-checks the invariant independently of the stats: distinct ids in the manifest (a
-hash-partitioned count, bounded memory) against the ids committed by this run (read back
-from the Parquet files), each exactly once.
+checks the invariant independently of those stats: distinct ids in the manifest (a
+hash-partitioned count, bounded memory) against the ids this run committed (read back from
+its Parquet files, each exactly once) plus the ids earlier runs had already committed.
+
+Output layout under `output.path` (docs/results.md):
+    run-<run_id>/part-<digest>.parquet   committed results, one folder per run
+    _staging/<run_id>/…parquet.tmp       files being written (hidden; renamed when complete)
+    _runs/<run_id>/spec.json             the resolved spec, written when the run starts
+    _runs/<run_id>/summary.json          the run summary, published when it ends
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -17,22 +24,32 @@ from datetime import datetime, timezone
 import ray
 import ray.data
 import structlog
+from ray.data.expressions import col
 
 from actors.constrained import unbounded_paths
 from actors.loading import resolve_model
 from pipeline import storage
 from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manifest
 from pipeline.manifests import manifest_files
-from pipeline.sink import run_dir
-from pipeline.stats import STAGES, BatchStats
+from pipeline.resume import ResumePolicy, committed_files
+from pipeline.sink import run_dir, staging_dir
+from pipeline.stats import STAGES, BatchStats, ErrorBudget, ErrorBudgetExceeded
 from schemas.spec import JobSpec
 from schemas.tasks import resolve_task
 
 log = structlog.get_logger("tessera")
 
+# Staging files of a run older than this are leftovers of a killed run (a live run renames
+# each file within seconds of writing it).
+STALE_STAGING_S = 6 * 3600
+
 
 class JobFailed(RuntimeError):
     """The job could not run to its end (not: some rows are errors)."""
+
+
+class OutputExists(JobFailed):
+    """`output.mode: error_if_exists` and the output already holds results."""
 
 
 def new_run_id() -> str:
@@ -63,7 +80,10 @@ def run_job(
     run_id: str | None = None,
     ray_address: str | None = None,
     limit: int | None = None,
+    redrive_codes: tuple[str, ...] | None = None,
 ) -> dict:
+    """Run `spec` to its end and return its summary. `redrive_codes` (a tuple, empty for all
+    codes) re-runs only the error rows of earlier runs instead of a normal resume."""
     run_id = run_id or new_run_id()
     bound = log.bind(job=spec.name, run_id=run_id)
     started = time.time()
@@ -71,43 +91,113 @@ def run_job(
     task = resolve_task(spec.task)
     if task.json_schema and (loose := unbounded_paths(task.json_schema)):
         bound.warning("unbounded_schema_paths", paths=loose, hint="bound them or the model may never finish")
+    committed = prepare_output(spec, redrive=redrive_codes is not None)
+    policy = ResumePolicy(
+        prompt_sha256=task.prompt_sha256,
+        model_uri=model.uri,
+        model_revision=model.revision,
+        check_versions=spec.output.check_versions,
+        redrive_codes=redrive_codes,
+    )
     address = connect_ray(spec, ray_address)
     files = manifest_files(spec.input, spec.storage)
     plan = make_plan(spec, manifest_bytes(files, spec))
-    bound.info("run_started", ray=address, manifests=len(files), model=model.uri, revision=model.revision, plan=plan.__dict__)
-    ds = build_dataset(spec, run_id, files, model, task, plan, limit)
+    write_run_record(spec, run_id, "spec.json", spec.model_dump(mode="json"))
+    bound.info(
+        "run_started", ray=address, manifests=len(files), committed_files=len(committed),
+        model=model.uri, revision=model.revision, plan=plan.__dict__,
+    )
+    ds = build_dataset(spec, run_id, files, model, task, plan, policy, committed, limit)
+    try:
+        totals, timeline, written = stream(ds, spec, started, bound)
+    except ErrorBudgetExceeded as exc:
+        write_run_record(spec, run_id, "summary.json", {"job": spec.name, "run_id": run_id, "aborted": str(exc)})
+        bound.error("error_budget_exceeded", reason=str(exc))
+        raise
 
-    totals, timeline, files_written = BatchStats(), [], []
+    verified = verify(spec, files, written, totals.skipped, limit, plan.shuffle_partitions)
+    summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started)
+    summary["mode"] = "redrive" if redrive_codes is not None else spec.output.mode
+    write_run_record(spec, run_id, "summary.json", summary)
+    storage.remove(staging_dir(spec.output.path, run_id), spec.storage, recursive=True)
+    bound.info("run_finished", rows=totals.rows, ok=totals.ok, skipped=totals.skipped, invariant_ok=verified["ok"], wall_s=summary["wall_s"])
+    return summary
+
+
+def stream(ds, spec: JobSpec, started: float, bound) -> tuple[BatchStats, list, list[str]]:
+    """Drive the dataset to its end, merging the per-file stats; enforce the error budget."""
+    totals, timeline, written = BatchStats(), [], []
+    budget = ErrorBudget(spec.output.max_error_rate, spec.output.error_rate_window) if spec.output.max_error_rate else None
     last_log = time.time()
     for stats_row in ds.iter_rows():
         batch = BatchStats.from_dict(json.loads(stats_row["stats_json"]))
         totals.merge(batch)
         if stats_row["file"]:
-            files_written.append(stats_row["file"])
+            written.append(stats_row["file"])
         timeline.append([round(stats_row["committed_at"] - started, 3), totals.rows])
+        if budget:
+            budget.add(batch)
+            budget.check()  # raises ErrorBudgetExceeded: the caller exits 1
         if time.time() - last_log > 10:
-            bound.info("progress", rows=totals.rows, ok=totals.ok, errors=sum(totals.errors.values()))
+            bound.info("progress", rows=totals.rows, ok=totals.ok, errors=sum(totals.errors.values()), skipped=totals.skipped)
             last_log = time.time()
-
-    verified = verify(spec, files, files_written, limit, plan.shuffle_partitions)
-    summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started)
-    write_summary(spec, run_id, summary)
-    bound.info("run_finished", rows=totals.rows, ok=totals.ok, invariant_ok=verified["ok"], wall_s=summary["wall_s"])
-    return summary
+    return totals, timeline, written
 
 
-def verify(spec: JobSpec, manifests: list[str], written: list[str], limit: int | None, partitions: int) -> dict:
-    """Rows in (distinct manifest ids) against rows out (ids committed by this run)."""
+def prepare_output(spec: JobSpec, redrive: bool = False) -> list[str]:
+    """Apply output.mode; clean staging left by killed runs; return the committed files."""
+    output = spec.output
+    committed = committed_files(output.path, spec.storage)
+    if committed and output.mode == "error_if_exists" and not redrive:
+        raise OutputExists(
+            f"{output.path} already holds results ({len(committed)} files) and output.mode is "
+            "error_if_exists: choose another output.path, or set output.mode to resume or overwrite"
+        )
+    if output.mode == "overwrite" and not redrive:
+        for path in {f.rsplit("/", 1)[0] for f in committed}:
+            storage.remove(path, spec.storage, recursive=True)
+        storage.remove(storage.join(output.path, "_runs"), spec.storage, recursive=True)
+        committed = []
+    remove_stale_staging(spec)
+    return committed
+
+
+def remove_stale_staging(spec: JobSpec, older_than_s: float = STALE_STAGING_S) -> int:
+    """Delete staging files of killed runs (never those a live run may still rename)."""
+    removed = 0
+    fs, _ = storage.filesystem(spec.output.path, spec.storage)
+    for path in storage.list_files(storage.join(spec.output.path, "_staging"), spec.storage):
+        try:
+            modified = fs.modified(storage.filesystem(path, spec.storage)[1]).timestamp()
+        except (OSError, NotImplementedError):
+            continue
+        if time.time() - modified > older_than_s:
+            storage.remove(path, spec.storage)
+            removed += 1
+    return removed
+
+
+def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int, limit: int | None, partitions: int) -> dict:
+    """Rows in (distinct manifest ids) = rows out (ids this run wrote, each once, plus ids
+    earlier runs had committed)."""
     ids_in = read_manifest(spec, manifests, limit).select_columns(["id"])
     rows_in = ids_in.groupby("id", num_partitions=partitions).count().count()
     if written:
         results_fs = storage.arrow_filesystem(written[0], spec.storage)  # the spec's endpoint, not pyarrow's default
         counts = ray.data.read_parquet(written, columns=["id"], filesystem=results_fs).groupby("id", num_partitions=partitions).count()
-        rows_out = counts.count()
-        repeated = counts.filter(lambda r: r["count()"] > 1).count() if rows_out else 0
+        rows_written = counts.count()
+        repeated = counts.filter(expr=col("count()") > 1).count() if rows_written else 0
     else:
-        rows_out = repeated = 0
-    return {"rows_in": rows_in, "rows_out": rows_out, "ids_written_twice": repeated, "ok": rows_in == rows_out and not repeated}
+        rows_written = repeated = 0
+    rows_out = rows_written + skipped
+    return {
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "written": rows_written,
+        "already_committed": skipped,
+        "ids_written_twice": repeated,
+        "ok": rows_in == rows_out and not repeated,
+    }
 
 
 def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started) -> dict:
@@ -120,6 +210,8 @@ def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, 
         "wall_s": round(wall, 3),
         "rows_in": verified["rows_in"],
         "rows_out": verified["rows_out"],
+        "processed": totals.rows,
+        "skipped": totals.skipped,
         "ok": totals.ok,
         "errors": sum(totals.errors.values()),
         "errors_by_code": dict(sorted(totals.errors.items())),
@@ -144,14 +236,16 @@ def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, 
 
 
 def spec_hash(spec: JobSpec) -> str:
-    import hashlib
-
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
+def run_record_uri(output_path: str, run_id: str, name: str) -> str:
+    return storage.join(output_path, "_runs", run_id, name)
+
+
 def summary_uri(output_path: str, run_id: str) -> str:
-    return storage.join(output_path, "_runs", run_id, "summary.json")
+    return run_record_uri(output_path, run_id, "summary.json")
 
 
-def write_summary(spec: JobSpec, run_id: str, summary: dict) -> None:
-    storage.write_bytes(summary_uri(spec.output.path, run_id), json.dumps(summary, indent=2).encode(), spec.storage)
+def write_run_record(spec: JobSpec, run_id: str, name: str, data: dict) -> None:
+    storage.write_bytes(run_record_uri(spec.output.path, run_id, name), json.dumps(data, indent=2).encode(), spec.storage)

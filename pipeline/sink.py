@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.stats import BatchStats
-from schemas.errors import DUPLICATE_ID
+from schemas.errors import DUPLICATE_ID, SKIPPED
 from schemas.arrow_types import arrow_type, to_arrow_value
 from schemas.rows import STATUS_ERROR, STATUS_OK, result_schema
 from schemas.spec import JobSpec
@@ -60,6 +60,8 @@ def commit_batch(batch: pa.Table, ctx: SinkContext) -> pa.Table:
     for row in batch.to_pylist():
         if row.get("error_code") == DUPLICATE_ID:
             stats.add_duplicate(row)
+        elif row.get("error_code") == SKIPPED:
+            stats.skipped += 1
         else:
             stats.add_row(row)
             rows.append(row)
@@ -98,6 +100,7 @@ def _result_row(row: dict, ctx: SinkContext, output_type, now: datetime) -> dict
         output = to_arrow_value(json.loads(output_json), output_type)
     return {
         "id": row["id"],
+        "manifest_id": row.get("manifest_id") or row["id"],
         "uri": (row.get("uris") or [None])[0],
         "media_type": row.get("media_type"),
         "status": STATUS_ERROR if failed else STATUS_OK,

@@ -83,6 +83,7 @@ class BatchStats:
     reasks: int = 0
     truncated: int = 0
     latency: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in STAGES})
+    skipped: int = 0  # committed by an earlier run (resume): not processed, not written
     duplicates: int = 0
     duplicate_examples: list[dict] = field(default_factory=list)  # {id, source}
 
@@ -116,6 +117,7 @@ class BatchStats:
         self.truncated += other.truncated
         for stage in STAGES:
             self.latency[stage].merge(other.latency[stage])
+        self.skipped += other.skipped
         self.duplicates += other.duplicates
         room = MAX_LISTED_DUPLICATES - len(self.duplicate_examples)
         self.duplicate_examples.extend(other.duplicate_examples[: max(0, room)])
@@ -131,6 +133,7 @@ class BatchStats:
             "reasks": self.reasks,
             "truncated": self.truncated,
             "latency": {stage: hist.to_sparse() for stage, hist in self.latency.items()},
+            "skipped": self.skipped,
             "duplicates": self.duplicates,
             "duplicate_examples": self.duplicate_examples,
         }
@@ -146,8 +149,55 @@ class BatchStats:
             pixel_bytes=data["pixel_bytes"],
             reasks=data["reasks"],
             truncated=data["truncated"],
+            skipped=data.get("skipped", 0),
             duplicates=data.get("duplicates", 0),
             duplicate_examples=list(data.get("duplicate_examples", [])),
         )
         stats.latency = {stage: Histogram.from_sparse(data["latency"].get(stage, {})) for stage in STAGES}
         return stats
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Too many rows of one error family in the recent window: stop before it costs more."""
+
+
+@dataclass
+class ErrorBudget:
+    """`output.max_error_rate` over the last `window` (or more) rows, per error-code family.
+
+    Expired credentials must not turn a 100-million-row backfill into 100 million
+    `fetch.denied` rows: once a family's share of the window passes the rate, the run stops.
+    Committed files stay; a rerun resumes.
+    """
+
+    max_rate: float
+    window: int
+    _entries: list[tuple[int, Counter]] = field(default_factory=list)
+
+    def add(self, stats: BatchStats) -> None:
+        if stats.rows:
+            self._entries.append((stats.rows, Counter(stats.errors)))
+        while len(self._entries) > 1 and self._rows() - self._entries[0][0] >= self.window:
+            self._entries.pop(0)
+
+    def _rows(self) -> int:
+        return sum(rows for rows, _ in self._entries)
+
+    def check(self) -> None:
+        rows = self._rows()
+        if rows < self.window:
+            return
+        codes: Counter = Counter()
+        for _, errors in self._entries:
+            codes.update(errors)
+        families: Counter = Counter()
+        for code, count in codes.items():
+            families[code.split(".", 1)[0]] += count
+        for family, count in families.most_common():
+            if count / rows > self.max_rate:
+                dominant, n = max(((c, k) for c, k in codes.items() if c.split(".", 1)[0] == family), key=lambda x: x[1])
+                raise ErrorBudgetExceeded(
+                    f"{count} of the last {rows} rows failed with {family}.* errors "
+                    f"({count / rows:.0%} > output.max_error_rate {self.max_rate:.0%}); "
+                    f"most of them {dominant} ({n}). Stopping; committed results are kept and a rerun resumes."
+                )

@@ -445,6 +445,13 @@ def fetch(uri: str, storage: StorageSpec, policy: FetchPolicy | int) -> Fetched:
     return Fetched(data=data, version=version)
 
 
+def current_version(uri: str, storage: StorageSpec | None = None) -> str | None:
+    """The object's version now (one metadata request, no download): what resume compares
+    with the version committed earlier."""
+    fs, path = filesystem(uri, storage)
+    return object_version(_io("stat", uri, storage, lambda: fs.info(path)))
+
+
 def _too_large(shown: str, size: int, max_bytes: int) -> ItemError:
     return ItemError(ErrorCode.FETCH_TOO_LARGE, f"{shown} is {size} bytes, over media.max_bytes={max_bytes}")
 

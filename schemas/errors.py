@@ -43,8 +43,12 @@ class ErrorCode(str, Enum):
         return self.value.split(".", 1)[0]
 
 
-# Not a row code: duplicate manifest ids are listed in the run summary under this name.
+# Not row codes: internal markers. Rows carrying them flow through the stages untouched and
+# are counted by the sink, never written. Duplicate manifest ids are listed in the run
+# summary under DUPLICATE_ID; SKIPPED rows were committed by an earlier run (resume).
 DUPLICATE_ID = "manifest.duplicate_id"
+SKIPPED = "resume.already_committed"
+MARKERS = (DUPLICATE_ID, SKIPPED)
 
 
 class ItemError(Exception):

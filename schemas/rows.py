@@ -27,6 +27,7 @@ _CARRIED = [
     pa.field("fields_json", pa.string()),  # prompt fields + metadata of the manifest row, as JSON
     pa.field("source", pa.string()),  # <manifest file>#L<line>: where the row came from
     pa.field("position", pa.int64()),  # global manifest order: the first occurrence of an id wins
+    pa.field("resume_version", pa.string()),  # content version committed earlier: skip if unchanged
     pa.field("error_code", pa.string()),
     pa.field("error_message", pa.string()),
 ]
@@ -36,6 +37,7 @@ MANIFEST_SCHEMA = pa.schema(_CARRIED)
 PREPARED_SCHEMA = pa.schema(
     _CARRIED
     + [
+        pa.field("manifest_id", pa.string()),  # the manifest row's id (differs from id for PDF pages)
         pa.field("content_version", pa.string()),  # ETag / size+mtime of the media, when known
         pa.field("model_inputs", pa.binary()),  # serialized ModelInputs (uint8 pixels + token ids)
         pa.field("n_tiles", pa.int32()),
@@ -66,6 +68,7 @@ class ResultRow(BaseModel):
     """One row of the results table: exactly one per distinct manifest id (or PDF page)."""
 
     id: str
+    manifest_id: str  # the manifest row it came from: equal to id, except `<id>#p<N>` PDF pages
     uri: str | None
     media_type: str | None
     status: Literal["ok", "error"]
@@ -99,6 +102,7 @@ def result_schema(output_type: pa.DataType | None) -> pa.Schema:
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
+            pa.field("manifest_id", pa.string()),
             pa.field("uri", pa.string()),
             pa.field("media_type", pa.string()),
             pa.field("status", pa.string(), nullable=False),

@@ -48,6 +48,9 @@ class OutputSpec(_Strict):
     rows_per_file: int | None = Field(None, gt=0)
     max_error_rate: float | None = Field(None, gt=0, le=1)
     error_rate_window: int = Field(1000, ge=1000)
+    check_versions: bool = Field(
+        True, description="On resume, re-check each committed item's ETag/size+mtime and redo it if it changed."
+    )
 
 
 class ModelSpec(_Strict):
