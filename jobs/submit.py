@@ -232,23 +232,29 @@ def submit_spec(
         log.warning("local_paths", paths=paths, hint="every node of the cluster must see these paths; use s3:// on a real cluster")
     with tempfile.TemporaryDirectory(prefix="tessera-submit-") as staging:
         build_working_dir(Path(staging), shipped, ship_code=ship_code, forwarded=forwarded)
-        try:
-            client.submit_job(
-                entrypoint=entrypoint_for(run_id, tick, env_file=bool(forwarded)),
-                submission_id=submission_id,
-                runtime_env=runtime_env_for(Path(staging), forwarded=bool(forwarded)),
-                metadata=job_metadata(shipped, run_id, tick),
-                entrypoint_num_cpus=entrypoint_num_cpus,
-            )
-        except RuntimeError as exc:
-            if "already exists" in str(exc):
-                raise AlreadySubmitted(f"a job with submission id {submission_id} exists already") from None
-            raise SubmitError(f"the cluster refused the job: {exc}") from None
+        submit_job(
+            client,
+            entrypoint=entrypoint_for(run_id, tick, env_file=bool(forwarded)),
+            submission_id=submission_id,
+            runtime_env=runtime_env_for(Path(staging), forwarded=bool(forwarded)),
+            metadata=job_metadata(shipped, run_id, tick),
+            entrypoint_num_cpus=entrypoint_num_cpus,
+        )
     log.info(
         "job_submitted", submission_id=submission_id, run_id=run_id, tick=tick_iso(tick) if tick else None,
         address=address, forwarded_env=sorted(forwarded) or None, manifest=shipped.input.manifest,
     )
     return Submission(submission_id, run_id, tick)
+
+
+def submit_job(client, *, submission_id: str, **kwargs) -> None:
+    """`client.submit_job`, with Ray's refusal of a taken submission id as AlreadySubmitted."""
+    try:
+        client.submit_job(submission_id=submission_id, **kwargs)
+    except RuntimeError as exc:
+        if "already exists" in str(exc):
+            raise AlreadySubmitted(f"a job with submission id {submission_id} exists already") from None
+        raise SubmitError(f"the cluster refused the job: {exc}") from None
 
 
 # --- following jobs ------------------------------------------------------------------------
