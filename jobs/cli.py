@@ -331,5 +331,25 @@ def schedule(spec_paths, overrides, address, forward, ship_code, poll_seconds, o
     _cluster(lambda: scheduler.run_forever(stop_on_signals()))
 
 
+@main.command()
+@click.argument("output_path", metavar="OUTPUT_PATH")
+@click.option("--run", "run_id", metavar="RUN_ID", help="The run to report (default: the run that started last).")
+def report(output_path, run_id):
+    """Render a run's summary as a self-contained HTML page with charts (throughput over
+    time, errors by code, latency per stage) and a PNG of the main chart, written next to
+    its summary.json under OUTPUT_PATH/_runs/RUN_ID/; print the summary table."""
+    from jobs.report import write_report
+    from jobs.summary import print_summary
+
+    try:
+        files = write_report(output_path, run_id)
+    except FileNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    print_summary(files.summary)
+    click.echo(f"  report      {files.html}")
+    click.echo(f"  chart       {files.png}")
+
+
 if __name__ == "__main__":
     main()
