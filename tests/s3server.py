@@ -180,6 +180,14 @@ class S3Server:
 
         return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options())
 
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Keys in a bucket, read from moto's state in this process: works while stopped."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        found = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[bucket].keys
+        return sorted(k for k in list(found.keys()) if k.startswith(prefix))
+
     # --- fault injection -------------------------------------------------------------------
 
     def fail_next(self, status: int, code: str, count: int = 1, path: str = ".*", method: str | None = None) -> None:

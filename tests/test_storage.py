@@ -20,7 +20,7 @@ from pipeline import httpfetch, storage
 from pipeline.storage import FetchPolicy, RetryPolicy
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import StorageSpec, parse_spec
-from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, credentials_env
+from s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, credentials_env
 
 PUBLIC, PRIVATE, DENIED = "tessera-st-public", "tessera-st-private", "tessera-st-denied"
 
