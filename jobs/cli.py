@@ -62,6 +62,23 @@ set_option = click.option(
 )
 
 
+def estimate_options(command):
+    """--estimate and what it plans for (jobs/estimate.py)."""
+    options = [
+        click.option("--estimate", is_flag=True, help="With --dry-run: sample ~200 rows through the real CPU stage and print "
+                     "what the whole job needs: GPU-hours, CPU cores per GPU, bandwidth, wall time."),
+        click.option("--gpus", type=click.IntRange(min=1), default=8, show_default=True, help="--estimate: GPUs to plan for."),
+        click.option("--items", type=click.IntRange(min=1), help="--estimate: items in the whole job (default: count the manifest)."),
+        click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="--estimate: measured items/s of one model "
+                     "replica, e.g. from a GPU benchmark (default: the roofline of docs/capacity.md)."),
+        click.option("--output-tokens", type=click.IntRange(min=1), help="--estimate: tokens generated per item "
+                     "(default: min(task max_new_tokens, 200))."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
 @set_option
@@ -73,7 +90,8 @@ set_option = click.option(
               "(the most recent tick of the spec's schedule). Renders `{{ tick }}` in input.manifest.")
 @click.option("--env-file", type=click.Path(exists=True, dir_okay=False), help="Set the variables in this JSON file "
               "first (written by `tessera submit --forward-env`); their values are masked in logs.")
-def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_file):
+@estimate_options
+def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_file, estimate, gpus, items, rate, output_tokens):
     """Run the job in SPEC.yaml to its end and print a summary."""
     if env_file:
         from jobs.forward_env import load_env_file
@@ -82,11 +100,16 @@ def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_fil
     spec = _load(spec_path, overrides)
     spec, tick_time = _at_tick(spec, tick)
     tick_text = tick_time.isoformat() if tick_time else None
-    if dry_run:
-        from jobs.plan import print_dry_run
-
+    if dry_run or estimate:
         configure_logging(job=spec.name, tick=tick_text)
-        print_dry_run(spec, limit)
+        if estimate:
+            from jobs.estimate import estimate as plan_capacity, print_estimate
+
+            print_estimate(plan_capacity(spec, gpus, items=items, rate=rate, output_tokens=output_tokens))
+        else:
+            from jobs.plan import print_dry_run
+
+            print_dry_run(spec, limit)
         return
     from pipeline.run import new_run_id, run_job
 
