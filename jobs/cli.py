@@ -326,7 +326,8 @@ def list_jobs(address, job_name, include_all, as_json):
 @ship_code_option
 @click.option("--poll-seconds", type=click.FloatRange(min=1), default=30, show_default=True,
               help="How often to look at the cluster between ticks (for held-back ticks and deadlines).")
-@click.option("--once", is_flag=True, help="Look once, submit what is due now, and exit (e.g. when run by an outside cron).")
+@click.option("--once", is_flag=True, help="Look once, submit what is due now, and exit (e.g. run by an outside cron; "
+              "what is due: ticks since the last one on the cluster, or within starting_deadline_seconds).")
 def schedule(spec_paths, overrides, address, forward, ship_code, poll_seconds, once):
     """Run the schedules of the specs: submit each job to the cluster at its cron ticks.
 
