@@ -236,3 +236,26 @@ class S3Server:
         if rule is not None:
             return rule.action(environ, start_response)
         return self._moto_app(environ, start_response)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tests/s3server.py [--port N]`: serve until interrupted (benchmarks, trying things)."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    args = parser.parse_args(argv)
+    server = S3Server(port=args.port).start()
+    print(f"S3 endpoint {server.endpoint_url}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
