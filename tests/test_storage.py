@@ -452,3 +452,18 @@ def test_http_status_size_and_retries(http_server):
     error = fetch_error(f"{http_server}/flaky.jpg?X-Amz-Signature=s3cr3t", StorageSpec(), LOCAL_HTTP)
     assert error.code is ErrorCode.FETCH_ERROR and "s3cr3t" not in error.message
     _Handler.flaky_left = 0
+
+
+def test_manifests_in_every_format_read_from_s3(s3, spec_storage):
+    from pipeline.manifests import iter_raw_rows
+
+    rows = [{"id": f"r{i}", "uri": f"media/{i}.jpg"} for i in range(50)]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    fs = s3.filesystem()
+    fs.pipe(f"{PRIVATE}/formats/m.parquet", buffer.getvalue())
+    fs.pipe(f"{PRIVATE}/formats/m.csv", ("id,uri\n" + "".join(f"{r['id']},{r['uri']}\n" for r in rows)).encode())
+    fs.pipe(f"{PRIVATE}/formats/m.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    for fmt in ("parquet", "csv", "jsonl"):
+        read = [raw for _, raw in iter_raw_rows(f"s3://{PRIVATE}/formats/m.{fmt}", fmt, spec_storage)]
+        assert read == rows, fmt
