@@ -169,7 +169,8 @@ def local_paths(spec: JobSpec) -> list[str]:
 
 def spec_for_cluster(spec: JobSpec, tick: datetime | None) -> JobSpec:
     """The spec as the cluster runs it: rendered for its tick, on the cluster it runs on."""
-    shipped = render_for_tick(spec, tick) if tick else spec.model_copy(deep=True)
+    # A rendered relative path resolves here, as the spec's other paths did when it was loaded.
+    shipped = render_for_tick(spec, tick).resolved() if tick else spec.model_copy(deep=True)
     shipped.ray.address = None  # the job's driver joins its own cluster (Ray sets RAY_ADDRESS)
     return shipped
 
