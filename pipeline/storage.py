@@ -307,7 +307,9 @@ def classify(exc: BaseException) -> Failure:
             return Failure(ErrorCode.FETCH_TIMEOUT, True, "timed out")
         if isinstance(link, (boto.EndpointConnectionError, boto.ConnectionClosedError, ConnectionError)):
             return Failure(ErrorCode.FETCH_ERROR, True, "cannot connect to the storage endpoint")
-        if isinstance(link, (boto.HTTPClientError, httpfetch.TransientHTTPError)) or _is_aiohttp_error(link):
+        if isinstance(link, httpfetch.TransientHTTPError):
+            return Failure(ErrorCode.FETCH_ERROR, True, str(link))  # built from display_url: safe to show
+        if isinstance(link, boto.HTTPClientError) or _is_aiohttp_error(link):
             return Failure(ErrorCode.FETCH_ERROR, True, f"the connection failed ({type(link).__name__})")
         if isinstance(link, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             return Failure(ErrorCode.FETCH_NOT_FOUND, False, "does not exist")
@@ -406,12 +408,10 @@ def object_version(info: dict) -> str | None:
     return f"size:{size}" + (f",mtime:{mtime}" if mtime is not None else "")
 
 
-def fetch(uri: str, storage: StorageSpec, policy: FetchPolicy | int) -> Fetched:
+def fetch(uri: str, storage: StorageSpec, policy: FetchPolicy) -> Fetched:
     """Read a whole media object: refused before download when it is larger than
     `policy.max_bytes`, each attempt bounded by `policy.timeout_s`, transient failures retried
     `policy.retries` times. Every failure is an ItemError with a fetch code."""
-    if isinstance(policy, int):  # the older signature: fetch(uri, storage, max_bytes)
-        policy = FetchPolicy(max_bytes=policy)
     shown = display_uri(uri)
     if scheme(uri) in _HTTP:
         if not policy.allow_http:
