@@ -81,6 +81,16 @@ class Adapter:
         raise NotImplementedError
 
 
+def expand_placeholders(ids: np.ndarray, placeholder_id: int, counts: list[int]) -> np.ndarray:
+    """Each occurrence of `placeholder_id` repeated counts[i] times, in order."""
+    positions = np.flatnonzero(ids == placeholder_id)
+    if len(positions) != len(counts):
+        raise ValueError(f"the prompt has {len(positions)} image placeholders for {len(counts)} images")
+    repeats = np.ones(len(ids), dtype=np.int64)
+    repeats[positions] = counts
+    return np.repeat(ids, repeats)
+
+
 def left_pad(items: list[ModelInputs], pad_token_id: int, device) -> dict[str, torch.Tensor]:
     """Token ids left-padded to the longest row, as generate() wants for decoder-only models."""
     longest = max(len(item.input_ids) for item in items)
@@ -104,12 +114,17 @@ class LlavaNextAdapter(Adapter):
     accepts_tiles = True
 
     def prepare_tiled(self, processor, tiles, sizes, text):
-        # The processor's own placeholder expansion and tokenizer, fed with our tiles: the
-        # token count comes from the size the model is told, as when the processor tiles.
+        # The placeholder count per image is the processor's own rule applied to the size the
+        # model is told, so it equals what the processor gives for the full-size image.
         image_inputs = {"pixel_values": tiles, "image_sizes": [(height, width) for width, height in sizes]}
         replacements = [processor.replace_image_token(image_inputs, image_idx=i) for i in range(len(tiles))]
-        texts, _ = processor.get_text_with_replacements([text], replacements)
-        input_ids = processor.tokenizer(texts, return_tensors="np")["input_ids"][0].astype(np.int32)
+        token = processor.image_token
+        counts = [len(r) // len(token) for r in replacements]
+        if all(r == token * n for r, n in zip(replacements, counts)):
+            input_ids = expand_placeholders(self._token_ids(processor, text), processor.image_token_id, counts)
+        else:  # a placeholder with more than repeats of one token: tokenize it as the processor does
+            texts, _ = processor.get_text_with_replacements([text], replacements)
+            input_ids = processor.tokenizer(texts, return_tensors="np")["input_ids"][0].astype(np.int32)
         if not tiles:
             return ModelInputs(input_ids=input_ids, pixels=None)
         pixels = np.ascontiguousarray(np.concatenate(tiles))
@@ -122,6 +137,18 @@ class LlavaNextAdapter(Adapter):
             },
             n_tiles=int(pixels.shape[0]),
         )
+
+    def _token_ids(self, processor, text: str) -> np.ndarray:
+        """The text with one placeholder per image, tokenized once per distinct text (most
+        jobs have one prompt): special tokens never merge with their neighbours, so expanding
+        the ids afterwards equals tokenizing the expanded text (tests/test_tiling.py)."""
+        cache = self.__dict__.setdefault("_ids_cache", {})
+        ids = cache.get(text)
+        if ids is None:
+            if len(cache) >= 256:
+                cache.clear()
+            ids = cache[text] = processor.tokenizer([text], return_tensors="np")["input_ids"][0].astype(np.int32)
+        return ids
 
     def pack(self, processor, out, n_images: int) -> ModelInputs:
         input_ids = out["input_ids"][0].astype(np.int32)

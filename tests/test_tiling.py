@@ -103,6 +103,9 @@ def test_adapter_with_our_tiles_equals_adapter_with_the_processor(processor, pla
         ours = adapter.prepare_tiled(processor, [plan.tile_image(image) for image in images], [im.size for im in images], text)
     assert np.array_equal(ours.input_ids, reference.input_ids)
     assert ours.n_tiles == reference.n_tiles
+    if images:  # the second row with the same prompt reuses its tokens: still the same ids
+        again = adapter.prepare_tiled(processor, [plan.tile_image(image) for image in images], [im.size for im in images], text)
+        assert np.array_equal(again.input_ids, reference.input_ids)
     if images:
         assert ours.pixels.dtype == np.uint8 and np.array_equal(ours.pixels, reference.pixels)
         for key in ("image_sizes", "tiles_per_image"):
