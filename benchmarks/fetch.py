@@ -15,13 +15,17 @@ benchmark prints numbers and asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from benchmarks.common import REPO, emit, machine, write_result
+REPO = Path(__file__).resolve().parent.parent
+RESULT = REPO / ".cache" / "bench" / "fetch.json"
+JSON_PREFIX = "BENCH_JSON "  # one benchmark's result on one line (benchmarks/common.py's convention)
 
 SIZES_KIB = (64, 512, 4096, 16384)
 BUCKET = "tessera-bench-fetch"
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline import storage
     from schemas.spec import StorageSpec
 
+    load_at_start = os.getloadavg()[0]
+    endpoint_note = "moto (tests/s3server.py) in its own process on 127.0.0.1"
     server, endpoint = start_server()
     try:
         spec = StorageSpec(endpoint_url=endpoint)
@@ -95,18 +101,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "fetch_per_worker",
-        "machine": machine(),
-        "endpoint": "moto (tests/s3server.py) in its own process on 127.0.0.1",
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(load_at_start, 2)},
+        "endpoint": endpoint_note,
         "requests_per_object": {"storage.fetch": 1, "s3fs info+cat_file": 3},
         "results": rows,
     }
-    table = [
-        (f"{r['object_kib']:>6} KiB  {r['how']:<20}", f"{r['mb_per_s']:>7} MB/s  {r['objects_per_s']:>7} obj/s  p50 {r['p50_ms']} ms")
-        for r in rows
-    ]
-    table.append(("load average at start", str(result["machine"]["load_avg_1m_at_start"])))
-    emit(result, table)
-    write_result(result, "fetch")
+    print(f"\n== {result['benchmark']} ({endpoint_note}) ==")
+    for r in rows:
+        print(f"  {r['object_kib']:>6} KiB  {r['how']:<20} {r['mb_per_s']:>7} MB/s  {r['objects_per_s']:>7} obj/s  p50 {r['p50_ms']} ms")
+    print(f"  load average at start: {result['machine']['load_avg_1m_at_start']} on {os.cpu_count()} CPUs")
+    print(JSON_PREFIX + json.dumps(result, sort_keys=True), flush=True)
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
 
 
