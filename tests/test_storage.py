@@ -467,3 +467,43 @@ def test_manifests_in_every_format_read_from_s3(s3, spec_storage):
     for fmt in ("parquet", "csv", "jsonl"):
         read = [raw for _, raw in iter_raw_rows(f"s3://{PRIVATE}/formats/m.{fmt}", fmt, spec_storage)]
         assert read == rows, fmt
+
+
+def test_https_certificates_are_verified_against_the_host_name(tmp_path):
+    """The connection goes to a checked IP address, but TLS still verifies the certificate
+    for the URL's host: a self-signed one is refused."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://localhost:{server.server_address[1]}/ok.jpg"
+        error = fetch_error(url, StorageSpec(), LOCAL_HTTP)
+        assert error.code is ErrorCode.FETCH_ERROR and "TLS" in error.message
+    finally:
+        server.shutdown()
+        server.server_close()
