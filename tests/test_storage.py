@@ -507,3 +507,21 @@ def test_https_certificates_are_verified_against_the_host_name(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_profile_supplies_credentials_and_endpoint(s3, tmp_path, monkeypatch):
+    """storage.profile (or AWS_PROFILE) reads ~/.aws-style files: credentials and endpoint."""
+    (tmp_path / "config").write_text(
+        f"[profile tessera-test]\nregion = us-east-1\nendpoint_url = {s3.endpoint_url}\n"
+    )
+    (tmp_path / "credentials").write_text(
+        f"[tessera-test]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    uri = f"s3://{PRIVATE}/cat.jpg"
+    assert storage.fetch(uri, StorageSpec(profile="tessera-test"), FetchPolicy()).data == b"\xff\xd8 private bytes"
+    monkeypatch.setenv("AWS_PROFILE", "tessera-test")
+    assert storage.fetch(uri, StorageSpec(), FetchPolicy()).data == b"\xff\xd8 private bytes"
