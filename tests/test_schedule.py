@@ -355,3 +355,34 @@ def test_a_scheduled_tessera_job_reads_the_day_of_its_tick(client, tmp_path, tin
     info = client.get_job_info(submission.submission_id)
     assert info.metadata["tessera.tick"] == "2026-11-22T03:00:00+00:00"
     assert "--tick 2026-11-22T03:00:00+00:00" in info.entrypoint
+
+
+def test_schedule_command_once_submits_the_due_tick_once(head, client, tmp_path):
+    """`tessera schedule --once` as a user runs it, twice: the second run finds the tick on the
+    cluster and submits nothing. (A daily tick a few minutes ago, well inside its deadline.)"""
+    latest = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    spec = tmp_path / "daily.yaml"
+    spec.write_text(json.dumps({
+        "name": "daily-once",
+        "input": {"manifest": str(tmp_path / "{{ tick.strftime('%Y-%m-%d') }}" / "manifest.jsonl")},
+        "output": {"path": str(tmp_path / "out")},
+        "task": {"preset": "moderation"},
+        "schedule": {"cron": f"{latest.minute} {latest.hour} * * *", "starting_deadline_seconds": 3600},
+    }))
+    first = CliRunner().invoke(main, ["schedule", str(spec), "--address", head.dashboard_url, "--once"])
+    assert first.exit_code == 0, first.output
+    assert first.stdout.split() == [f"daily-once-{tick_stamp(latest)}"]
+    second = CliRunner().invoke(main, ["schedule", str(spec), "--address", head.dashboard_url, "--once"])
+    assert second.exit_code == 0, second.output
+    assert second.stdout.split() == []
+    assert runs_on_cluster(client, "daily-once") == [f"daily-once-{tick_stamp(latest)}"]
+    stop_all(client, "daily-once")
+
+
+def test_schedule_command_explains_a_spec_without_schedule(head, tmp_path):
+    spec = tmp_path / "plain.yaml"
+    spec.write_text(json.dumps({"name": "plain", "input": {"manifest": "m.jsonl"}, "output": {"path": "o"},
+                                "task": {"preset": "caption"}}))
+    result = CliRunner().invoke(main, ["schedule", str(spec), "--address", head.dashboard_url, "--once"])
+    assert result.exit_code == 2
+    assert "has no `schedule:`" in result.stderr

@@ -195,6 +195,15 @@ def test_stop_a_running_job(head):
     assert "already ended: STOPPED" in again.stdout
 
 
+def test_follow_prints_logs_as_they_come_until_the_job_ends(head):
+    client = connect(head.dashboard_url)
+    submission_id = client.submit_job(entrypoint="echo first; sleep 3; echo second")
+    result = cli("logs", submission_id, "--address", head.dashboard_url, "--follow")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.index("first") < result.stdout.index("second")
+    assert client.get_job_status(submission_id) == "SUCCEEDED"
+
+
 def test_unknown_id_is_a_usage_error(head):
     result = CliRunner().invoke(main, ["status", "no-such-job", "--address", head.dashboard_url])
     assert result.exit_code == 2
