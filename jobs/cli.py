@@ -13,6 +13,7 @@ import click
 import yaml
 
 from jobs.logs import configure_logging
+from schemas.errors import ErrorCode
 from schemas.spec import SpecError, load_spec
 
 EXIT_FAILED = 1
@@ -111,14 +112,18 @@ def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_fil
 
             print_dry_run(spec, limit)
         return
-    from pipeline.run import new_run_id, run_job
+    _execute(spec, run_id=run_id, ray_address=ray_address, limit=limit, tick=tick_text)
+
+
+def _execute(spec, *, run_id=None, ray_address=None, limit=None, tick=None, redrive_codes=None) -> None:
+    """Run (or re-drive) a job, print its summary, exit with the documented status."""
+    from pipeline.run import OutputExists, new_run_id, run_job
 
     run_id = run_id or new_run_id()  # made here, so that every log line of the run carries it
-    configure_logging(job=spec.name, run_id=run_id, tick=tick_text)
-
+    configure_logging(job=spec.name, run_id=run_id, tick=tick)
     try:
-        summary = run_job(spec, run_id=run_id, ray_address=ray_address, limit=limit)
-    except FileNotFoundError as exc:
+        summary = run_job(spec, run_id=run_id, ray_address=ray_address, limit=limit, redrive_codes=redrive_codes)
+    except (FileNotFoundError, OutputExists) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except Exception as exc:  # the job itself failed: say why, exit 1
@@ -132,6 +137,85 @@ def run(spec_path, overrides, ray_address, limit, dry_run, run_id, tick, env_fil
     print_summary(summary)
     if not summary["invariant"]["ok"]:
         sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--codes", metavar="CODE[,CODE…]", help="Only error rows with these codes, e.g. fetch.timeout,model.oom (default: every error row).")
+@click.option("--ray-address", help="Ray cluster to use (as for `tessera run`).")
+def redrive(spec_path, overrides, codes, ray_address):
+    """Re-run only the error rows of earlier runs of SPEC.yaml (the dead letters), all of them
+    or those with the given codes. Their new rows supersede the old ones in `tessera results`."""
+    spec = _load(spec_path, overrides)
+    wanted = tuple(code.strip() for code in (codes or "").split(",") if code.strip())
+    unknown = [code for code in wanted if code not in {c.value for c in ErrorCode}]
+    if unknown:
+        click.echo(f"error: unknown error code(s): {', '.join(unknown)} (docs/errors.md lists them)", err=True)
+        sys.exit(EXIT_USAGE)
+    _execute(spec, ray_address=ray_address, redrive_codes=wanted)
+
+
+def _output_of(path_or_spec: str):
+    """An output path, or a spec (its output.path and storage options)."""
+    if path_or_spec.endswith((".yaml", ".yml")):
+        spec = _load(path_or_spec, ())
+        return spec.output.path, spec.storage
+    from schemas.spec import StorageSpec
+
+    return path_or_spec, StorageSpec()
+
+
+@main.command()
+@click.argument("output", metavar="OUTPUT_PATH|SPEC.yaml")
+@click.option("--status", type=click.Choice(["ok", "error"]), help="Only rows with this status.")
+@click.option("--code", "error_code", metavar="CODE", help="Only error rows with this code.")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv", "parquet"]), default="table", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write here instead of standard output (required for parquet).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N rows (table format: 20 unless given).")
+@click.option("--sql", "show_sql", is_flag=True, help="Print the DuckDB query that reads the current table, and exit.")
+def results(output, status, error_code, fmt, out_path, limit, show_sql):
+    """The current results of a job: the latest row per id over all of its runs, errors
+    included, columns unioned by name across runs."""
+    from pipeline.results import current_results, results_sql
+
+    path, storage_spec = _output_of(output)
+    if show_sql:
+        click.echo(results_sql(path))
+        return
+    filters = []
+    if status:
+        filters.append(f"status = '{status}'")
+    if error_code:
+        filters.append(f"error_code = '{error_code.replace(chr(39), '')}'")
+    table = current_results(path, storage_spec, where=" AND ".join(filters) or None)
+    if fmt == "table" and not out_path:
+        limit = limit or 20
+    if limit:
+        table = table.slice(0, limit)
+    from jobs.tables import write_table
+
+    write_table(table, fmt, out_path)
+
+
+@main.command()
+@click.argument("output", metavar="OUTPUT_PATH|SPEC.yaml")
+@click.option("--target-file-mb", type=click.FloatRange(min=1), default=64, show_default=True, help="Size of the merged files.")
+@click.option("--staging-older-than-hours", type=click.FloatRange(min=0), default=6, show_default=True,
+              help="Also delete staging files of killed runs older than this.")
+def compact(output, target_file_mb, staging_older_than_hours):
+    """Merge the small result files of finished runs, and clean up staging files left by
+    killed runs."""
+    from pipeline.results import compact as compact_output
+    from pipeline.run import remove_stale_staging
+
+    path, storage_spec = _output_of(output)
+    report = compact_output(path, storage_spec, target_file_mb)
+    removed = remove_stale_staging(path, storage_spec, staging_older_than_hours * 3600)
+    click.echo(
+        f"compacted {report['files_merged']} files into {report['files_written']} across {report['runs']} finished runs; "
+        f"removed {removed} stale staging files"
+    )
 
 
 @main.command()

@@ -17,6 +17,9 @@ def print_summary(summary: dict) -> None:
     echo(f"tessera · {summary['job']} · run {summary['run_id']}")
     echo(f"  rows in     {summary['rows_in']:>8}   distinct manifest ids")
     echo(f"  rows out    {summary['rows_out']:>8}   invariant rows in = rows out, each id once: {mark}")
+    if summary.get("skipped"):
+        echo(f"  skipped     {summary['skipped']:>8}   already committed by earlier runs (resume)")
+    echo(f"  processed   {summary.get('processed', summary['ok'] + summary['errors']):>8}   by this run")
     echo(f"  ok          {summary['ok']:>8}")
     echo(f"  errors      {summary['errors']:>8}" + ("   " + ", ".join(f"{code} {n}" for code, n in summary["errors_by_code"].items()) if summary["errors"] else ""))
     if summary["duplicates"]["count"]:

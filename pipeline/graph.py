@@ -74,7 +74,7 @@ def build_dataset(
     committed: list[str],
     limit: int | None = None,
 ) -> ray.data.Dataset:
-    ds = select_due(read_manifest(spec, files, limit), committed, policy, plan.shuffle_partitions)
+    ds = select_due(read_manifest(spec, files, limit), committed, policy, plan.shuffle_partitions, spec.storage)
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model, task=task)},
@@ -115,11 +115,19 @@ def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> 
     return ds.limit(limit) if limit else ds
 
 
-def select_due(manifest: ray.data.Dataset, committed: list[str], policy: ResumePolicy, partitions: int) -> ray.data.Dataset:
+def read_results(files: list[str], storage_spec, columns: list[str]) -> ray.data.Dataset:
+    """Committed result files (local or object storage) as a Ray Dataset of `columns`."""
+    filesystem = storage.arrow_filesystem(files[0], storage_spec)
+    return ray.data.read_parquet([storage.strip_scheme(f) for f in files], columns=columns, filesystem=filesystem)
+
+
+def select_due(
+    manifest: ray.data.Dataset, committed: list[str], policy: ResumePolicy, partitions: int, storage_spec
+) -> ray.data.Dataset:
     """One hash-partitioned pass over manifest rows and earlier results: dedupe and resume."""
     union = manifest.map_batches(manifest_to_union, batch_format="pyarrow")
     if committed:
-        earlier = ray.data.read_parquet(committed, columns=COMMITTED_COLUMNS)
+        earlier = read_results(committed, storage_spec, COMMITTED_COLUMNS)
         union = union.union(earlier.map_batches(committed_to_union, batch_format="pyarrow"))
     return union.groupby("id", num_partitions=partitions).map_groups(
         decide, fn_kwargs={"policy": policy}, batch_format="pyarrow"

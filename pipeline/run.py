@@ -29,7 +29,7 @@ from ray.data.expressions import col
 from actors.constrained import unbounded_paths
 from actors.loading import resolve_model
 from pipeline import storage
-from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manifest
+from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manifest, read_results
 from pipeline.manifests import manifest_files
 from pipeline.resume import ResumePolicy, committed_files
 from pipeline.sink import run_dir, staging_dir
@@ -158,21 +158,21 @@ def prepare_output(spec: JobSpec, redrive: bool = False) -> list[str]:
             storage.remove(path, spec.storage, recursive=True)
         storage.remove(storage.join(output.path, "_runs"), spec.storage, recursive=True)
         committed = []
-    remove_stale_staging(spec)
+    remove_stale_staging(output.path, spec.storage)
     return committed
 
 
-def remove_stale_staging(spec: JobSpec, older_than_s: float = STALE_STAGING_S) -> int:
+def remove_stale_staging(output_path: str, storage_spec, older_than_s: float = STALE_STAGING_S) -> int:
     """Delete staging files of killed runs (never those a live run may still rename)."""
     removed = 0
-    fs, _ = storage.filesystem(spec.output.path, spec.storage)
-    for path in storage.list_files(storage.join(spec.output.path, "_staging"), spec.storage):
+    for path in storage.list_files(storage.join(output_path, "_staging"), storage_spec):
+        fs, inner = storage.filesystem(path, storage_spec)
         try:
-            modified = fs.modified(storage.filesystem(path, spec.storage)[1]).timestamp()
+            modified = fs.modified(inner).timestamp()
         except (OSError, NotImplementedError):
             continue
         if time.time() - modified > older_than_s:
-            storage.remove(path, spec.storage)
+            storage.remove(path, storage_spec)
             removed += 1
     return removed
 
@@ -183,10 +183,11 @@ def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int
     ids_in = read_manifest(spec, manifests, limit).select_columns(["id"])
     rows_in = ids_in.groupby("id", num_partitions=partitions).count().count()
     if written:
-        results_fs = storage.arrow_filesystem(written[0], spec.storage)  # the spec's endpoint, not pyarrow's default
-        counts = ray.data.read_parquet(written, columns=["id"], filesystem=results_fs).groupby("id", num_partitions=partitions).count()
-        rows_written = counts.count()
-        repeated = counts.filter(expr=col("count()") > 1).count() if rows_written else 0
+        results = read_results(written, spec.storage, ["id", "manifest_id"])
+        per_id = results.groupby("id", num_partitions=partitions).count()
+        repeated = per_id.filter(expr=col("count()") > 1).count()
+        # PDF page mode writes several rows (`<id>#p<N>`) for one manifest id.
+        rows_written = results.groupby("manifest_id", num_partitions=partitions).count().count()
     else:
         rows_written = repeated = 0
     rows_out = rows_written + skipped

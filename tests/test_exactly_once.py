@@ -1,0 +1,287 @@
+"""Exactly-once across runs, with real processes: resume, version-aware recompute, re-drive,
+output modes, compaction, the error budget, and fault injection (a killed model actor, a
+removed worker node, a SIGKILLed driver). Every fault is triggered by progress (committed
+files), never by a timer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from jobs.sample import encode_image, synthetic_image
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_corpus(root: Path, n: int, missing: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(n):
+        name = f"img{index:03d}.png"
+        (root / name).write_bytes(encode_image(synthetic_image(96 + 8 * (index % 5), 72, seed=index), "png"))
+        rows.append({"id": f"item-{index:03d}", "uri": name})
+    for index in range(missing):
+        rows.append({"id": f"gone-{index:03d}", "uri": f"missing-{index:03d}.png"})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def free_text(prompt="Describe it.", tokens=6):
+    return {"prompt": prompt, "sampling": {"max_new_tokens": tokens}}
+
+
+def result_ids(output: Path) -> list[str]:
+    from pipeline.results import current_results
+
+    return current_results(str(output)).column("id").to_pylist()
+
+
+def committed(output: Path) -> list[Path]:
+    return sorted(output.glob("run-*/*.parquet"))
+
+
+def committed_rows(output: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(path).num_rows for path in committed(output))
+
+
+def when_committed(output: Path, count: int, action, timeout_s: float = 600) -> threading.Thread:
+    """Run `action` (in a thread) once `count` result files are committed under `output`."""
+
+    def watch():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if len(committed(output)) >= count:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_rerun_after_success_processes_nothing_and_a_new_prompt_everything(tmp_path, make_spec, ray_local):
+    from pipeline.run import run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 6)
+    spec = make_spec(manifest, task=free_text(), output={"rows_per_file": 2})
+    first = run_job(spec)
+    assert (first["processed"], first["skipped"], first["invariant"]["ok"]) == (6, 0, True)
+
+    again = run_job(spec)
+    assert (again["processed"], again["skipped"], again["rows_out"], again["invariant"]["ok"]) == (0, 6, 6, True)
+    assert not list((Path(spec.output.path) / f"run-{again['run_id']}").glob("*.parquet"))
+
+    changed = make_spec(manifest, task=free_text("Describe it briefly."), output={"rows_per_file": 2})
+    third = run_job(changed)
+    assert (third["processed"], third["skipped"]) == (6, 0)
+    ids = result_ids(Path(spec.output.path))
+    assert sorted(ids) == [f"item-{i:03d}" for i in range(6)]  # the latest row per id, once each
+
+
+def test_changed_media_is_processed_again(tmp_path, make_spec, ray_local):
+    from pipeline.results import current_results
+    from pipeline.run import run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 4)
+    spec = make_spec(manifest, task=free_text())
+    run_job(spec)
+    changed = manifest.parent / "img002.png"
+    changed.write_bytes(encode_image(synthetic_image(120, 90, seed=99), "png"))
+    again = run_job(spec)
+    assert (again["processed"], again["skipped"]) == (1, 3)
+    table = current_results(spec.output.path)
+    latest = dict(zip(table.column("id").to_pylist(), table.column("run_id").to_pylist()))
+    assert latest["item-002"] == again["run_id"] and latest["item-000"] != again["run_id"]
+
+
+def test_redrive_by_code(tmp_path, make_spec, ray_local):
+    from pipeline.results import current_results
+    from pipeline.run import run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 3, missing=2)
+    (manifest.parent / "notes.txt").write_text("x")
+    lines = manifest.read_text() + json.dumps({"id": "not-media", "uri": "notes.txt"}) + "\n"
+    manifest.write_text(lines)
+    spec = make_spec(manifest, task=free_text())
+    first = run_job(spec)
+    assert first["errors_by_code"] == {"fetch.not_found": 2, "decode.unsupported": 1}
+
+    plain = run_job(spec)  # error rows count as committed: a plain rerun does not retry them
+    assert plain["processed"] == 0
+
+    for index in range(2):  # the missing objects arrive
+        (manifest.parent / f"missing-{index:03d}.png").write_bytes(encode_image(synthetic_image(64, 64, seed=index), "png"))
+    redriven = run_job(spec, redrive_codes=("fetch.not_found",))
+    assert (redriven["processed"], redriven["ok"], redriven["skipped"]) == (2, 2, 4)
+    assert redriven["invariant"]["ok"]
+    table = current_results(spec.output.path)
+    status = dict(zip(table.column("id").to_pylist(), table.column("error_code").to_pylist()))
+    assert status == {"item-000": None, "item-001": None, "item-002": None, "gone-000": None, "gone-001": None,
+                      "not-media": "decode.unsupported"}
+
+
+def test_output_modes(tmp_path, make_spec, ray_local):
+    from pipeline.run import OutputExists, run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 2)
+    run_job(make_spec(manifest, task=free_text()))
+    with pytest.raises(OutputExists, match="error_if_exists"):
+        run_job(make_spec(manifest, task=free_text(), output={"mode": "error_if_exists"}))
+    fresh = run_job(make_spec(manifest, task=free_text(), output={"mode": "overwrite"}))
+    assert fresh["processed"] == 2
+    output = tmp_path / "out"
+    assert {p.parent.name for p in committed(output)} == {f"run-{fresh['run_id']}"}
+
+
+def test_compaction_keeps_the_table(tmp_path, make_spec, ray_local):
+    from pipeline.results import compact, current_results
+    from pipeline.run import run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 6)
+    spec = make_spec(manifest, task=free_text(), output={"rows_per_file": 1})
+    run_job(spec)
+    before = current_results(spec.output.path).sort_by("id")
+    assert len(committed(Path(spec.output.path))) == 6
+    report = compact(spec.output.path)
+    assert report["files_merged"] == 6 and report["files_written"] == 1
+    assert len(committed(Path(spec.output.path))) == 1
+    after = current_results(spec.output.path).sort_by("id")
+    assert after.select(["id", "raw_text", "run_id"]).equals(before.select(["id", "raw_text", "run_id"]))
+
+
+def test_error_budget_stops_the_run_and_a_rerun_resumes(tmp_path, make_spec, ray_local):
+    from pipeline.run import run_job
+    from pipeline.stats import ErrorBudgetExceeded
+
+    manifest = write_corpus(tmp_path / "corpus", 0, missing=1500)
+    spec = make_spec(
+        manifest, task=free_text(), output={"max_error_rate": 0.2, "error_rate_window": 1000, "rows_per_file": 250}
+    )
+    with pytest.raises(ErrorBudgetExceeded, match=r"most of them fetch\.not_found"):
+        run_job(spec)
+    kept = committed_rows(Path(spec.output.path))
+    assert kept >= 1000  # what was committed before the stop is kept
+    rerun = run_job(make_spec(manifest, task=free_text(), output={"rows_per_file": 250}))
+    assert rerun["skipped"] == kept and rerun["processed"] == 1500 - kept
+    assert rerun["invariant"]["ok"]
+
+
+def _descendants_named(fragment: str) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if fragment in " ".join(child.cmdline()) or fragment in child.name():
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_killed_model_actor_loses_nothing(tmp_path, make_spec, ray_local):
+    from pipeline.run import run_job
+
+    manifest = write_corpus(tmp_path / "corpus", 16)
+    spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
+    killed = []
+
+    def kill_actor():
+        for process in _descendants_named("Predictor"):
+            process.kill()  # SIGKILL: no clean-up, as when a node's OOM killer strikes
+            killed.append(process.pid)
+
+    watcher = when_committed(Path(spec.output.path), 1, kill_actor)
+    summary = run_job(spec)
+    watcher.join(timeout=5)
+    assert killed, "the model actor was never found to kill"
+    assert summary["invariant"]["ok"] and summary["rows_out"] == 16
+    assert sorted(result_ids(Path(spec.output.path))) == [f"item-{i:03d}" for i in range(16)]
+
+
+def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.run import run_job
+
+    ray.shutdown()  # this test needs a cluster of its own shape
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        cluster.wait_for_nodes()
+        manifest = write_corpus(tmp_path / "corpus", 16)
+        spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
+        removed = []
+        watcher = when_committed(Path(spec.output.path), 1, lambda: (cluster.remove_node(workers[0]), removed.append(1)))
+        summary = run_job(spec)
+        watcher.join(timeout=30)
+        assert removed, "the worker node was never removed"
+        assert summary["invariant"]["ok"] and summary["rows_out"] == 16
+        assert sorted(result_ids(Path(spec.output.path))) == [f"item-{i:03d}" for i in range(16)]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
+    manifest = write_corpus(tmp_path / "corpus", 24)
+    output = tmp_path / "out"
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "kill-driver",
+        "input": {"manifest": str(manifest)},
+        "output": {"path": str(output), "rows_per_file": 1},
+        "model": {"batch_size": 1},
+        "task": free_text(tokens=24),
+        "ray": {"num_cpus": 2},
+    }))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(spec_path)], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while len(committed(output)) < 12 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        started = psutil.Process(driver.pid).children(recursive=True)  # its Ray processes
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        for process in locals().get("started", []):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        if driver.poll() is None:
+            driver.kill()
+    done_before = committed_rows(output)
+    assert 12 <= done_before < 24
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(spec_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    (summary_path,) = [p for p in output.glob("_runs/*/summary.json")]
+    summary = json.loads(summary_path.read_text())
+    assert summary["skipped"] == done_before
+    assert summary["processed"] == 24 - done_before
+    assert summary["invariant"]["ok"]
+    ids = result_ids(output)
+    assert sorted(ids) == [f"item-{i:03d}" for i in range(24)]
