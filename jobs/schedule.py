@@ -30,7 +30,7 @@ from typing import Protocol
 import structlog
 
 from jobs.submit import (
-    ACTIVE, META_JOB, META_TICK, AlreadySubmitted, Submission, SubmitError, scheduled_submission_id,
+    ACTIVE, META_JOB, META_TICK, AlreadySubmitted, Submission, SubmitError, find_job, scheduled_submission_id,
     submit_spec, tessera_jobs,
 )
 from jobs.ticks import CronSchedule, TickError, render_for_tick, tick_iso
@@ -155,15 +155,6 @@ class Scheduler:
                      policy=job.policy, last_tick=tick_iso(latest[job.name]) if job.name in latest else None,
                      next_tick=tick_iso(job.cron.next_after(now)))
 
-    def _exists(self, submission_id: str) -> bool:
-        try:
-            self.client.get_job_info(submission_id)
-            return True
-        except RuntimeError as exc:
-            if "does not exist" in str(exc):
-                return False
-            raise SubmitError(f"cannot ask the cluster about {submission_id}: {exc}") from None
-
     def _active_runs(self, job: ScheduledJob) -> list[str]:
         return [
             info.submission_id for info in tessera_jobs(self.client, job.name)
@@ -196,7 +187,7 @@ class Scheduler:
             return None
         tick = plan.start
         submission_id = scheduled_submission_id(job.name, tick)
-        if self._exists(submission_id):
+        if find_job(self.client, submission_id) is not None:
             log.info("tick_already_submitted", job=job.name, tick=tick_iso(tick), submission_id=submission_id)
             state.settled_until = tick
             return None

@@ -261,13 +261,20 @@ def submit_job(client, *, submission_id: str, **kwargs) -> None:
 # --- following jobs ------------------------------------------------------------------------
 
 
-def job_info(client, submission_id: str):
+def find_job(client, submission_id: str):
+    """The job's details, or None if the cluster has no job with this id."""
     try:
         return client.get_job_info(submission_id)
     except RuntimeError as exc:
         if "does not exist" in str(exc):
-            raise BadRequest(f"no job {submission_id!r} on this cluster (`tessera list` shows its jobs)") from None
+            return None
         raise SubmitError(f"cannot ask the cluster about {submission_id}: {exc}") from None
+
+
+def job_info(client, submission_id: str):
+    if (info := find_job(client, submission_id)) is None:
+        raise BadRequest(f"no job {submission_id!r} on this cluster (`tessera list` shows its jobs)")
+    return info
 
 
 def status_of(client, submission_id: str) -> str:
