@@ -135,8 +135,4 @@ def select_due(
 
 
 def manifest_bytes(files: list[str], spec: JobSpec) -> int:
-    total = 0
-    for uri in files:
-        fs, path = storage.filesystem(uri, spec.storage)
-        total += int(fs.info(path).get("size") or 0)
-    return total
+    return sum(storage.size(uri, spec.storage) for uri in files)

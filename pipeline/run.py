@@ -21,10 +21,10 @@ import secrets
 import time
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import ray
 import ray.data
 import structlog
-from ray.data.expressions import col
 
 from actors.constrained import unbounded_paths
 from actors.loading import resolve_model
@@ -67,6 +67,7 @@ def connect_ray(spec: JobSpec, cli_address: str | None = None) -> str:
         ray.init(address=address, **kwargs)
         return address
     ray.init(
+        address="local",  # a new local cluster, never one a `ray start` left on this machine
         num_cpus=spec.ray.num_cpus,
         object_store_memory=spec.ray.object_store_memory_mb * 2**20 if spec.ray.object_store_memory_mb else None,
         **kwargs,
@@ -179,26 +180,56 @@ def remove_stale_staging(output_path: str, storage_spec, older_than_s: float = S
 
 def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int, limit: int | None, partitions: int) -> dict:
     """Rows in (distinct manifest ids) = rows out (ids this run wrote, each once, plus ids
-    earlier runs had committed)."""
-    ids_in = read_manifest(spec, manifests, limit).select_columns(["id"])
-    rows_in = ids_in.groupby("id", num_partitions=partitions).count().count()
+    earlier runs had committed), checked independently of the run's own stats: the manifest
+    is read again and this run's files are read back, in one hash-partitioned pass."""
+    ids_in = read_manifest(spec, manifests, limit).map_batches(_tag_manifest_ids, batch_format="pyarrow")
     if written:
-        results = read_results(written, spec.storage, ["id", "manifest_id"])
-        per_id = results.groupby("id", num_partitions=partitions).count()
-        repeated = per_id.filter(expr=col("count()") > 1).count()
-        # PDF page mode writes several rows (`<id>#p<N>`) for one manifest id.
-        rows_written = results.groupby("manifest_id", num_partitions=partitions).count().count()
-    else:
-        rows_written = repeated = 0
+        ids_out = read_results(written, spec.storage, ["id", "manifest_id"]).map_batches(_tag_written_ids, batch_format="pyarrow")
+        ids_in = ids_in.union(ids_out)
+    per_id = ids_in.groupby("manifest_id", num_partitions=partitions).map_groups(_count_ids, batch_format="pyarrow")
+    counts = per_id.sum(["rows_in", "rows_written", "written_twice", "written_not_in_manifest"]) or {}
+    rows_in = int(counts.get("sum(rows_in)") or 0)
+    rows_written = int(counts.get("sum(rows_written)") or 0)
+    twice = int(counts.get("sum(written_twice)") or 0)
+    stray = int(counts.get("sum(written_not_in_manifest)") or 0)
     rows_out = rows_written + skipped
     return {
         "rows_in": rows_in,
         "rows_out": rows_out,
         "written": rows_written,
         "already_committed": skipped,
-        "ids_written_twice": repeated,
-        "ok": rows_in == rows_out and not repeated,
+        "ids_written_twice": twice,
+        "ids_not_in_manifest": stray,
+        "ok": rows_in == rows_out and not twice and not stray,
     }
+
+
+_ID_TAGS = pa.schema([("manifest_id", pa.string()), ("id", pa.string()), ("written", pa.bool_())])
+
+
+def _tag_manifest_ids(batch: pa.Table) -> pa.Table:
+    ids = batch.column("id")
+    return pa.Table.from_arrays([ids, ids, pa.array([False] * batch.num_rows)], schema=_ID_TAGS)
+
+
+def _tag_written_ids(batch: pa.Table) -> pa.Table:
+    written = pa.array([True] * batch.num_rows)
+    return pa.Table.from_arrays([batch.column("manifest_id"), batch.column("id"), written], schema=_ID_TAGS)
+
+
+def _count_ids(group: pa.Table) -> pa.Table:
+    """One manifest id: is it in the manifest, was it written, and was any id written twice?"""
+    written = group.filter(group.column("written"))
+    in_manifest = written.num_rows < group.num_rows
+    ids = written.column("id").to_pylist()
+    return pa.table(
+        {
+            "rows_in": [int(in_manifest)],
+            "rows_written": [int(bool(ids))],
+            "written_twice": [len(ids) - len(set(ids))],
+            "written_not_in_manifest": [int(bool(ids) and not in_manifest)],
+        }
+    )
 
 
 def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started) -> dict:

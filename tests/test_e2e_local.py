@@ -25,7 +25,7 @@ def moderation_run(sample_corpus, tmp_path_factory, tiny_model_path):
     from schemas.spec import parse_spec
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     manifest = sample_corpus.parent / "manifest-with-duplicate.jsonl"
     lines = sample_corpus.read_text().splitlines()
     # A duplicate id: the first occurrence is processed, the second is only listed.

@@ -148,7 +148,7 @@ def test_poison_items_are_error_rows_and_their_neighbours_succeed(tmp_path, make
 
     ray.shutdown()  # a cluster of our own: its workers must see the test-only hook variable
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
         runtime_env={"env_vars": {TEST_HOOKS_ENV: "1"}},
     )
     try:

@@ -55,7 +55,7 @@ def s3(sample_corpus, tiny_model_path):
             fs.put(str(sample_corpus.parent), f"{INPUT}/corpus", recursive=True)
             if ray.is_initialized():
                 ray.shutdown()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
             try:
                 yield server
             finally:
