@@ -13,6 +13,7 @@ import re
 import sys
 
 import structlog
+import structlog.tracebacks
 
 MASK = "***"
 # Name parts that mark an environment variable as a credential (AWS_SECRET_ACCESS_KEY, HF_TOKEN…).
@@ -58,7 +59,8 @@ def configure_logging(level: str | None = None, **context) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            # Tracebacks as data, without each frame's local variables (large, and they may hold secrets).
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             mask_secrets,
             structlog.processors.JSONRenderer(default=str),
         ],
