@@ -30,4 +30,9 @@ def print_summary(summary: dict) -> None:
     echo(f"  tokens      {summary['tokens']['input']} in, {summary['tokens']['output']} out; re-asks {summary['reasks']}, cut at the limit {summary['truncated']}")
     echo(f"  results     {summary['output']['run_dir']}")
     echo(f"  summary     {summary['output']['path']}/_runs/{summary['run_id']}/summary.json")
-    echo(f"  query       duckdb -c \"SELECT status, error_code, count(*) FROM read_parquet('{summary['output']['path']}/**/*.parquet') GROUP BY ALL\"")
+    path = summary["output"]["path"]
+    if "://" in path and not path.startswith("file://"):
+        echo(f"  read it     tessera results SPEC.yaml   (the current table, latest row per id)")
+    else:
+        echo(f"  read it     tessera results {path}")
+        echo(f"  or in SQL   SELECT status, error_code, count(*) FROM read_parquet('{path}/**/*.parquet') GROUP BY ALL")
