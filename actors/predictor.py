@@ -9,6 +9,7 @@ kept. A batch that raises is retried item by item, so one bad item never fails i
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class Predictor:
         self.backend = make_backend(resolved, model_spec)
         self.task = task
         self.model_spec = model_spec
+        self.replica = replica_identity()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -50,6 +52,8 @@ class Predictor:
                 items.append(_Item(row, ModelInputs.from_bytes(blob)))
         for chunk in token_budget_chunks(items, self.model_spec, self.task.sampling.max_new_tokens):
             self._run_chunk(chunk)
+        for item in items:
+            item.row["replica"] = self.replica
         return pa.Table.from_pylist(rows, schema=INFERRED_SCHEMA)
 
     def _run_chunk(self, chunk: list[_Item]) -> None:
@@ -122,6 +126,20 @@ class Predictor:
         return True
 
 
+def replica_identity() -> dict:
+    """This replica as the run summary reports it: actor id, node id, the GPU ids Ray gave it."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"id": f"local-{os.getpid()}", "node_id": None, "gpu_ids": []}
+    context = ray.get_runtime_context()
+    return {
+        "id": context.get_actor_id() or f"task-{os.getpid()}",
+        "node_id": context.get_node_id(),
+        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+    }
+
+
 def token_budget_chunks(items: list[_Item], spec: ModelSpec, max_new_tokens: int) -> list[list[_Item]]:
     """Batches of at most `batch_size` rows whose (prompt + generation) tokens, padded to the
     longest, fit `max_batch_tokens`. Similar lengths go together (less padding)."""
@@ -142,7 +160,7 @@ def token_budget_chunks(items: list[_Item], spec: ModelSpec, max_new_tokens: int
 
 
 def _defaults(row: dict) -> None:
-    for name in ("raw_text", "output_json", "output_tokens", "truncated", "infer_ms"):
+    for name in ("raw_text", "output_json", "output_tokens", "truncated", "infer_ms", "replica"):
         row.setdefault(name, None)
     row.setdefault("reasks", 0)
 

@@ -6,6 +6,7 @@ Everything streams: the driver only ever sees one small stats row per committed 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ PREPARE_BATCH_ROWS = 8
 PREPARE_MAX_RETRIES = 3
 # Rough size of one result row in Parquet, to turn output.target_file_mb into rows per file.
 _RESULT_ROW_BYTES = 4096
+_SINK_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Plan:
     cpu_concurrency: int
     rows_per_file: int
     shuffle_partitions: int
+    # "actor": the actor itself holds its GPUs (one resource request, so one node);
+    # "placement_group": a STRICT_PACK group per replica whose GPU bundles vLLM's tensor-
+    # parallel workers fill (the actor holds no GPU itself).
+    placement: str = "actor"
 
 
 def make_plan(spec: JobSpec, manifest_bytes: int) -> Plan:
@@ -50,12 +56,14 @@ def make_plan(spec: JobSpec, manifest_bytes: int) -> Plan:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
     low, high = (spec.model.replicas,) * 2 if isinstance(spec.model.replicas, int) else spec.model.replicas
     cpus_per_replica = 1.0
-    decode_cpus = max(1, cpus - (0 if gpus else int(low * cpus_per_replica)))
+    # Decode gets the CPUs the replicas (at most `high` of them) and the sink leave free.
+    decode_cpus = max(1, int(cpus - high * cpus_per_replica - _SINK_CPUS))
     rows_per_file = spec.output.rows_per_file or max(1, int(spec.output.target_file_mb * 1e6 / _RESULT_ROW_BYTES))
     return Plan(
         replicas=(low, high),
         gpus_per_replica=gpus,
         cpus_per_replica=cpus_per_replica,
+        placement="placement_group" if spec.model.backend == "vllm" and gpus > 1 else "actor",
         cpu_concurrency=spec.ray.cpu_concurrency or decode_cpus,
         rows_per_file=rows_per_file,
         # ~64 MB of manifest per shuffle partition keeps each partition's memory bounded.
@@ -93,9 +101,8 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(
             min_size=low, max_size=high, max_tasks_in_flight_per_actor=spec.model.batches_in_flight
         ),
-        num_gpus=plan.gpus_per_replica,
         num_cpus=plan.cpus_per_replica,
-        **({"accelerator_type": spec.model.accelerator_type} if spec.model.accelerator_type else {}),
+        **replica_resources(plan, spec.model.accelerator_type),
     )
     sink = SinkContext(
         run_id=run_id,
@@ -108,6 +115,45 @@ def build_dataset(
     return ds.map_batches(
         commit_batch, fn_kwargs={"ctx": sink}, batch_size=plan.rows_per_file, batch_format="pyarrow", num_cpus=0.5
     )
+
+
+def replica_resources(plan: Plan, accelerator_type: str | None) -> dict:
+    """Ray resources of one model replica (see Plan.placement)."""
+    if plan.placement == "placement_group":
+        gpus = int(plan.gpus_per_replica)
+        return {
+            "num_gpus": 0,
+            "ray_remote_args_fn": functools.partial(
+                replica_placement_group, gpus, plan.cpus_per_replica, accelerator_type
+            ),
+        }
+    args: dict = {"num_gpus": plan.gpus_per_replica}
+    if accelerator_type:
+        args["accelerator_type"] = accelerator_type
+    return args
+
+
+def replica_placement_bundles(gpus: int, cpus: float, accelerator_type: str | None) -> list[dict]:
+    """One bundle per tensor-parallel worker; the first also holds the actor's CPU."""
+    bundles = [{"GPU": 1.0, "CPU": cpus if index == 0 else 0.0} for index in range(gpus)]
+    for bundle in bundles:
+        if bundle["CPU"] == 0:
+            del bundle["CPU"]
+        if accelerator_type:
+            bundle[f"accelerator_type:{accelerator_type}"] = 0.001
+    return bundles
+
+
+def replica_placement_group(gpus: int, cpus: float, accelerator_type: str | None) -> dict:
+    """Called by Ray Data for each replica it starts: a fresh STRICT_PACK placement group
+    (all bundles on one node), and the actor scheduled into it capturing its child tasks,
+    so the engine's workers land in the same group (Ray Data LLM does the same)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.placement_group(replica_placement_bundles(gpus, cpus, accelerator_type), strategy="STRICT_PACK")
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    }
 
 
 def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> ray.data.Dataset:

@@ -27,8 +27,7 @@ import ray.data
 import structlog
 
 from actors.constrained import unbounded_paths
-from actors.loading import resolve_model
-from pipeline import storage
+from pipeline import model_cache, storage
 from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manifest, read_results
 from pipeline.manifests import manifest_files
 from pipeline.resume import ResumePolicy, committed_files
@@ -56,9 +55,14 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+def choose_ray_address(spec: JobSpec, cli_address: str | None = None) -> str | None:
+    """--ray-address, else ray.address in the spec, else RAY_ADDRESS, else None (local)."""
+    return cli_address or spec.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(spec: JobSpec, cli_address: str | None = None) -> str:
-    """--ray-address, else ray.address in the spec, else RAY_ADDRESS, else a local cluster."""
-    address = cli_address or spec.ray.address or os.environ.get("RAY_ADDRESS") or None
+    """Connect to the cluster `choose_ray_address` names, else start a local one."""
+    address = choose_ray_address(spec, cli_address)
     if ray.is_initialized():
         return "existing"
     ray.data.DataContext.get_current().enable_progress_bars = True
@@ -88,7 +92,7 @@ def run_job(
     run_id = run_id or new_run_id()
     bound = log.bind(job=spec.name, run_id=run_id)
     started = time.time()
-    model = resolve_model(spec.model)
+    model = model_cache.resolve(spec.model, spec.storage)
     task = resolve_task(spec.task)
     if task.json_schema and (loose := unbounded_paths(task.json_schema)):
         bound.warning("unbounded_schema_paths", paths=loose, hint="bound them or the model may never finish")
@@ -259,6 +263,11 @@ def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, 
         "pixel_bytes_to_actor": totals.pixel_bytes,
         "reasks": totals.reasks,
         "truncated": totals.truncated,
+        "replicas": totals.replicas,
+        "placement": {
+            "replicas": len(totals.replicas),
+            "nodes": len({entry["node_id"] for entry in totals.replicas.values()}),
+        },
         "model": {"uri": model.uri, "revision": model.revision, "type": model.model_type},
         "prompt_sha256": prompt_sha256,
         "spec_sha256": spec_hash(spec),

@@ -86,6 +86,8 @@ class BatchStats:
     skipped: int = 0  # committed by an earlier run (resume): not processed, not written
     duplicates: int = 0
     duplicate_examples: list[dict] = field(default_factory=list)  # {id, source}
+    # Where the model ran: {replica id: {node_id, gpu_ids, rows}} (one entry per actor).
+    replicas: dict[str, dict] = field(default_factory=dict)
 
     def add_duplicate(self, row: dict) -> None:
         self.duplicates += 1
@@ -105,6 +107,13 @@ class BatchStats:
         self.truncated += 1 if row.get("truncated") else 0
         for stage in STAGES:
             self.latency[stage].add(row.get(stage))
+        replica = row.get("replica")
+        if replica:
+            self._count_replica(replica["id"], replica["node_id"], replica["gpu_ids"], 1)
+
+    def _count_replica(self, replica_id: str, node_id: str, gpu_ids: list, rows: int) -> None:
+        entry = self.replicas.setdefault(replica_id, {"node_id": node_id, "gpu_ids": list(gpu_ids or []), "rows": 0})
+        entry["rows"] += rows
 
     def merge(self, other: "BatchStats") -> None:
         self.rows += other.rows
@@ -121,6 +130,8 @@ class BatchStats:
         self.duplicates += other.duplicates
         room = MAX_LISTED_DUPLICATES - len(self.duplicate_examples)
         self.duplicate_examples.extend(other.duplicate_examples[: max(0, room)])
+        for replica_id, entry in other.replicas.items():
+            self._count_replica(replica_id, entry["node_id"], entry["gpu_ids"], entry["rows"])
 
     def to_dict(self) -> dict:
         return {
@@ -136,6 +147,7 @@ class BatchStats:
             "skipped": self.skipped,
             "duplicates": self.duplicates,
             "duplicate_examples": self.duplicate_examples,
+            "replicas": self.replicas,
         }
 
     @staticmethod
@@ -152,6 +164,7 @@ class BatchStats:
             skipped=data.get("skipped", 0),
             duplicates=data.get("duplicates", 0),
             duplicate_examples=list(data.get("duplicate_examples", [])),
+            replicas={key: dict(value) for key, value in data.get("replicas", {}).items()},
         )
         stats.latency = {stage: Histogram.from_sparse(data["latency"].get(stage, {})) for stage in STAGES}
         return stats

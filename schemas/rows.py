@@ -50,6 +50,11 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 
+# A model replica: its Ray actor id, the node it ran on, the GPU ids Ray gave it.
+REPLICA_TYPE = pa.struct(
+    [pa.field("id", pa.string()), pa.field("node_id", pa.string()), pa.field("gpu_ids", pa.list_(pa.string()))]
+)
+
 # What the model actor adds; it drops the (large) model_inputs.
 INFERRED_SCHEMA = pa.schema(
     [f for f in PREPARED_SCHEMA if f.name != "model_inputs"]
@@ -60,6 +65,9 @@ INFERRED_SCHEMA = pa.schema(
         pa.field("reasks", pa.int32()),
         pa.field("truncated", pa.bool_()),
         pa.field("infer_ms", pa.float64()),
+        # Which model replica generated the row (null for rows that reached no model): the
+        # run summary's placement report. Not written to the results.
+        pa.field("replica", REPLICA_TYPE),
     ]
 )
 

@@ -68,6 +68,10 @@ class ModelSpec(_Strict):
     max_batch_tokens: int = Field(32768, ge=1)
     batches_in_flight: int = Field(2, ge=1)
     accelerator_type: str | None = None
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM only: extra engine arguments, e.g. {max_model_len: 8192, gpu_memory_utilization: 0.85}.",
+    )
 
     @field_validator("replicas")
     @classmethod
@@ -76,6 +80,23 @@ class ModelSpec(_Strict):
         if low < 1 or high < low:
             raise ValueError("replicas must be an int >= 1 or [min, max] with 1 <= min <= max")
         return value
+
+    @field_validator("gpus_per_replica")
+    @classmethod
+    def _whole_gpus(cls, value):
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError("gpus_per_replica above 1 must be a whole number of GPUs (a replica never straddles nodes)")
+        return value
+
+    @model_validator(mode="after")
+    def _autoscaling_needs_a_queue(self):
+        # Ray Data grows an actor pool when its queued batches per actor reach 1.75
+        # (DataContext.autoscaling_config): with one batch in flight it never would.
+        if not isinstance(self.replicas, int) and self.replicas[0] < self.replicas[1] and self.batches_in_flight < 2:
+            raise ValueError("replicas [min, max] autoscales on queued batches: batches_in_flight must be at least 2")
+        if self.engine_kwargs and self.backend != "vllm":
+            raise ValueError("engine_kwargs are vLLM engine arguments: set backend: vllm, or drop them")
+        return self
 
 
 class SamplingSpec(_Strict):

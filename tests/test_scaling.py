@@ -1,0 +1,138 @@
+"""Placement of model replicas on real Ray clusters started by the tests, with fake GPUs
+(Ray hands out GPU ids and sets CUDA_VISIBLE_DEVICES; torch has no CUDA here, so each
+replica runs on CPU): replicas sharded over 2 GPUs each, an autoscaling pool, several nodes.
+Every assertion reads what the run itself reports (summary.json's `replicas`).
+
+Each test starts the cluster shape it needs and shuts down exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def _manifest(folder: Path, rows: int, images: int = 4) -> Path:
+    """`rows` manifest rows over `images` small distinct PNGs (ids are distinct)."""
+    media = folder / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for index in range(images):
+        Image.new("RGB", (64 + 16 * index, 48), (40 * index % 255, 90, 160)).save(media / f"img-{index}.png")
+    manifest = folder / "manifest.jsonl"
+    with manifest.open("w") as out:
+        for row in range(rows):
+            out.write(json.dumps({"id": f"row-{row:04d}", "uri": str(media / f"img-{row % images}.png")}) + "\n")
+    return manifest
+
+
+def _run(make_spec, manifest: Path, model: dict, max_new_tokens: int = 8) -> dict:
+    from pipeline.run import run_job
+
+    spec = make_spec(
+        manifest,
+        model={"path": "builtin:tiny", **model},
+        task={"prompt": "Describe the image.", "sampling": {"max_new_tokens": max_new_tokens}},
+        media={"isolation": "none"},
+        output={"rows_per_file": 8},
+    )
+    summary = run_job(spec)
+    assert summary["invariant"]["ok"], summary["invariant"]
+    return summary
+
+
+@pytest.fixture
+def fresh_ray():
+    """No Ray connection before the test (the shared local cluster is stopped) or after it."""
+    import ray
+
+    ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_model_path, monkeypatch):
+    fresh_ray.init(num_cpus=6, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # Start the pool's two actors before any work, so that both of them get some (else the
+    # first one up may finish the few rows of a test before the second has loaded the model).
+    monkeypatch.setattr(fresh_ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
+    summary = _run(
+        make_spec, _manifest(tmp_path, rows=48), {"gpus_per_replica": 2, "replicas": 2, "batch_size": 2}, max_new_tokens=32
+    )
+
+    assert summary["processed"] == summary["ok"] == 48
+    replicas = summary["replicas"]
+    assert len(replicas) == 2 == summary["placement"]["replicas"], replicas
+    held = [set(entry["gpu_ids"]) for entry in replicas.values()]
+    assert all(len(gpus) == 2 for gpus in held), held  # each actor holds its bundle of two
+    assert held[0].isdisjoint(held[1]) and held[0] | held[1] <= {"0", "1", "2", "3"}
+    assert sum(entry["rows"] for entry in replicas.values()) == 48
+    assert summary["plan"]["gpus_per_replica"] == 2 and summary["plan"]["placement"] == "actor"
+
+
+def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path, tiny_model_path):
+    fresh_ray.init(num_cpus=5, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    summary = _run(
+        make_spec,
+        _manifest(tmp_path, rows=160),
+        {"gpus_per_replica": 1, "replicas": [1, 3], "batch_size": 4, "batches_in_flight": 2},
+        max_new_tokens=24,
+    )
+
+    assert summary["processed"] == 160
+    assert summary["plan"]["replicas"] == [1, 3]
+    # Started with one replica; the queue made Ray Data add at least one more.
+    assert 2 <= summary["placement"]["replicas"] <= 3, summary["replicas"]
+    gpus = [gpu for entry in summary["replicas"].values() for gpu in entry["gpu_ids"]]
+    assert len(gpus) == len(set(gpus)), "two replicas were given the same GPU"
+
+
+def test_multi_node_cluster_spreads_replicas(make_spec, tmp_path, tiny_model_path):
+    import ray
+    import ray.data
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    waited = ray.data.DataContext.get_current().wait_for_min_actors_s
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
+    )
+    try:
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        context = ray.data.DataContext.get_current()
+        waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
+        summary = _run(
+            make_spec, _manifest(tmp_path, rows=48), {"gpus_per_replica": 1, "replicas": 2, "batch_size": 2},
+            max_new_tokens=32,
+        )
+        worker_ids = {node.node_id for node in workers}
+    finally:
+        ray.data.DataContext.get_current().wait_for_min_actors_s = waited
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert summary["processed"] == 48
+    nodes = {entry["node_id"] for entry in summary["replicas"].values()}
+    # One GPU per worker node and two replicas of one GPU each: one replica on each worker.
+    assert nodes == worker_ids and summary["placement"]["nodes"] == 2, summary["replicas"]
+
+
+def test_ray_address_order(monkeypatch, make_spec, tmp_path):
+    from pipeline.run import choose_ray_address
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_ray_address(make_spec(manifest)) is None  # local
+    monkeypatch.setenv("RAY_ADDRESS", "ray://env:10001")
+    assert choose_ray_address(make_spec(manifest)) == "ray://env:10001"
+    in_spec = make_spec(manifest, ray={"address": "ray://spec:10001"})
+    assert choose_ray_address(in_spec) == "ray://spec:10001"
+    assert choose_ray_address(in_spec, "ray://cli:10001") == "ray://cli:10001"
