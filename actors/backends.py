@@ -36,21 +36,24 @@ def make_backend(resolved: ResolvedModel, spec: ModelSpec) -> Backend:
 
 
 class TransformersBackend:
+    """One replica in this actor: on CPU, on the one GPU Ray gave it (or a share of one), or
+    sharded over the k GPUs Ray gave it (actors/sharding.py plans the device map)."""
+
     def __init__(self, resolved: ResolvedModel, spec: ModelSpec):
         import torch
-        from transformers import AutoModelForImageTextToText
 
         from actors.adapters import PixelNorm, adapter_for
         from actors.loading import load_processor
 
         self._torch = torch
-        self.processor = load_processor(resolved.path, resolved.trust_remote_code)
+        path = resolved.local_path()
+        self.processor = load_processor(path, resolved.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs: they are cuda:0..k-1 here.
+        self.n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.device = torch.device("cuda:0" if self.n_gpus else "cpu")
         self.dtype = _dtype(spec.dtype, self.device, torch)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            resolved.path, dtype=self.dtype, trust_remote_code=resolved.trust_remote_code
-        ).to(self.device).eval()
+        self.model = load_model(path, resolved.trust_remote_code, self.dtype, self.n_gpus, spec.quantization)
         self.adapter = adapter_for(resolved.model_type)
         self.norm = PixelNorm.of(self.processor.image_processor)
         config = self.model.config
@@ -95,6 +98,37 @@ class TransformersBackend:
             ids.pop()
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Generation(text=text, output_tokens=len(ids) + (1 if finished else 0), finished=finished)
+
+
+def load_model(path: str, trust_remote_code: bool, dtype, n_gpus: int, quantization: str | None):
+    """The model on CPU (n_gpus 0), on cuda:0, or split over cuda:0..n_gpus-1: vision tower,
+    projector and embeddings on the first, layers evenly, norm and head on the last."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantization:
+        kwargs["quantization_config"] = quantization_config(quantization)
+    if n_gpus > 1:
+        from actors.sharding import meta_model, plan_device_map
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        kwargs["device_map"] = plan_device_map(meta_model(config, trust_remote_code), n_gpus)
+    elif n_gpus == 1:
+        kwargs["device_map"] = {"": 0}  # straight to the GPU, never a full copy in host memory
+    return AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+
+
+def quantization_config(kind: str):
+    """int8 / int4 weight-only quantisation with optimum-quanto (CPU and CUDA)."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"model.quantization: {kind} needs optimum-quanto: pip install 'tessera[quantization]'"
+        ) from None
+    from transformers import QuantoConfig
+
+    return QuantoConfig(weights=kind)
 
 
 def _dtype(name: str, device, torch):
