@@ -195,8 +195,110 @@ class LlavaNextAdapter(Adapter):
         return batch
 
 
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL native dynamic resolution: each image resized to a multiple of
+    28 px and cut into 14-px patches, flattened.
+
+    pixels: uint8 [patches of the row, 3 * temporal_patch * 14 * 14] (channel-major inside a
+    patch, as the processor flattens it); extras: image_grid_thw [images, 3]. The prompt's one
+    <|image_pad|> per image becomes t*h*w / merge² of them.
+    """
+
+    def frame_size(self, processor) -> tuple[int, int]:
+        longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge") or 448 * 448
+        side = max(28, int(longest**0.5) // 28 * 28)
+        return (side, side)
+
+    def prepare(self, processor, images, kind, text):
+        if kind == "video":
+            images = [frame.resize(self.frame_size(processor), Image.Resampling.BICUBIC) for frame in images]
+        ids = processor.tokenizer([text], return_tensors="np")["input_ids"][0].astype(np.int32)
+        if not images:
+            return ModelInputs(input_ids=ids, pixels=None)
+        image_processor = processor.image_processor
+        out = image_processor(images=images, return_tensors="np", do_rescale=False, do_normalize=False)
+        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        merge = int(getattr(image_processor, "merge_size", 2))
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(_image_token(processor, "<|image_pad|>"))
+        input_ids = expand_placeholders(ids, image_token_id, [int(t * h * w) // merge**2 for t, h, w in grid])
+        pixels = np.clip(np.rint(out["pixel_values"]), 0, 255).astype(np.uint8)
+        return ModelInputs(input_ids=input_ids, pixels=np.ascontiguousarray(pixels), extras={"image_grid_thw": grid},
+                           n_tiles=len(grid))
+
+    def collate(self, items, pad_token_id, norm, device, dtype):
+        batch = left_pad(items, pad_token_id, device)
+        with_images = [item for item in items if item.pixels is not None]
+        if not with_images:
+            return batch
+        patches = torch.from_numpy(np.concatenate([item.pixels for item in with_images])).to(device)
+        channels = len(norm.mean)
+        flat = norm.apply(patches.view(patches.shape[0], channels, -1), dtype, channel_dim=1)
+        batch["pixel_values"] = flat.reshape(patches.shape)
+        batch["image_grid_thw"] = torch.from_numpy(np.concatenate([item.extras["image_grid_thw"] for item in with_images])).to(device)
+        return batch
+
+
+class Idefics3Adapter(Adapter):
+    """Idefics3 / SmolVLM: each image split into a grid of tiles plus a global view, every
+    tile padded to the largest and masked by `pixel_attention_mask`.
+
+    pixels: uint8 [tiles of the row, 3, H, W]; extras: pixel_attention_mask bool [tiles, H, W].
+    The processor writes the prompt's tile tokens (<row_r_col_c>, <image> × image_seq_len).
+    """
+
+    def frame_size(self, processor) -> tuple[int, int]:
+        side = int((getattr(processor.image_processor, "max_image_size", None) or {}).get("longest_edge") or 364)
+        return (side, side)
+
+    def prepare(self, processor, images, kind, text):
+        if kind == "video":
+            images = [frame.resize(self.frame_size(processor), Image.Resampling.BICUBIC) for frame in images]
+        out = processor(
+            text=[text], images=[images] if images else None, return_tensors="np", do_rescale=False, do_normalize=False
+        )
+        input_ids = out["input_ids"][0].astype(np.int32)
+        if not images:
+            return ModelInputs(input_ids=input_ids, pixels=None)
+        pixels = np.clip(np.rint(out["pixel_values"][0]), 0, 255).astype(np.uint8)
+        mask = np.asarray(out["pixel_attention_mask"][0], dtype=bool)
+        return ModelInputs(
+            input_ids=input_ids, pixels=np.ascontiguousarray(pixels), extras={"pixel_attention_mask": mask},
+            n_tiles=int(pixels.shape[0]),
+        )
+
+    def collate(self, items, pad_token_id, norm, device, dtype):
+        batch = left_pad(items, pad_token_id, device)
+        with_images = [item for item in items if item.pixels is not None]
+        if not with_images:
+            return batch
+        most = max(item.pixels.shape[0] for item in items if item.pixels is not None)
+        _, channels, height, width = with_images[0].pixels.shape
+        # Padding tiles stay exactly zero: the model drops all-zero tiles as padding.
+        pixels = torch.zeros((len(items), most, channels, height, width), dtype=dtype, device=device)
+        mask = torch.zeros((len(items), most, height, width), dtype=torch.bool, device=device)
+        for row, item in enumerate(items):
+            if item.pixels is None:
+                continue
+            tiles = torch.from_numpy(item.pixels).to(device)
+            real = torch.from_numpy(item.extras["pixel_attention_mask"]).to(device)
+            # The processor pads a tile after normalising it: padded pixels are 0, not -mean/std.
+            pixels[row, : len(tiles)] = norm.apply(tiles, dtype, channel_dim=1) * real.unsqueeze(1)
+            mask[row, : len(tiles)] = real
+        batch["pixel_values"] = pixels
+        batch["pixel_attention_mask"] = mask
+        return batch
+
+
+def _image_token(processor, default: str) -> str:
+    return getattr(processor, "image_token", None) or getattr(processor.tokenizer, "image_token", None) or default
+
+
 ADAPTERS: dict[str, Callable[[], Adapter]] = {
     "llava_next": LlavaNextAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": Idefics3Adapter,
 }
 
 

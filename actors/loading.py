@@ -1,8 +1,12 @@
-"""Where a model comes from, and loading it: the embedded tiny model, a local checkpoint dir.
+"""Where a model comes from, and loading it: the embedded tiny models, a local checkpoint dir.
 
 `resolve_model` runs once on the driver (it builds the tiny model before any worker needs
-it, and fixes the revision that every result row records); `local_model_path` runs on each
-worker and returns a directory `from_pretrained` can read.
+it, and fixes the revision that every result row records); `ResolvedModel.local_path()`
+runs on each worker and returns a directory `from_pretrained` can read on that node.
+
+A checkpoint in object storage is the pipeline's business (actors never import pipeline/):
+pipeline/model_cache.py resolves it and puts a `fetch` callable into the ResolvedModel, which
+downloads it once per node into a local cache; here it is only called.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.tiny import TINY_MODEL_URI, ensure_tiny_model, tiny_model_revision
+from actors.tiny import TINY_MODELS, ensure_tiny_model, tiny_model_revision
 from schemas.spec import ModelSpec
 
 
@@ -25,11 +30,22 @@ class ResolvedModel:
     revision: str
     model_type: str
     trust_remote_code: bool = False
+    # For a remote checkpoint: fetch(weights: bool) -> a local directory on this node.
+    fetch: Callable[..., str] | None = None
+
+    def local_path(self, weights: bool = True) -> str:
+        """A checkpoint directory on this node. Without `weights`, only what a processor
+        needs (config, tokenizer, templates): CPU workers never download the weights."""
+        if self.fetch is not None:
+            return self.fetch(weights=weights)
+        if self.uri in TINY_MODELS and not (Path(self.path) / "config.json").exists():
+            ensure_tiny_model(Path(self.path), self.uri)  # another node: build it here (seeded, identical)
+        return self.path
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
-    if spec.path == TINY_MODEL_URI:
-        path = ensure_tiny_model()
+    if spec.path in TINY_MODELS:
+        path = ensure_tiny_model(uri=spec.path)
         revision = tiny_model_revision(path)
     else:
         path = Path(os.path.expanduser(spec.path)).resolve()
@@ -61,4 +77,37 @@ def load_processor(path: str, trust_remote_code: bool = False):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # e.g. "falling back to the PIL image processor", once per worker
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ImportError:
+        # e.g. Qwen2VLProcessor type-checks a video processor that needs torchvision, which
+        # cannot be installed beside this torch build: assemble the parts the adapters use.
+        return PartsProcessor.load(path, trust_remote_code)
+
+
+class PartsProcessor:
+    """A processor made of its tokenizer, (PIL) image processor and chat template, for a
+    family whose own processor class cannot be built here. The family's adapter does the
+    placeholder expansion the processor would have done."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or tokenizer.chat_template
+
+    @staticmethod
+    def load(path: str, trust_remote_code: bool = False) -> "PartsProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        template_file = Path(path) / "chat_template.jinja"
+        return PartsProcessor(
+            AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+            AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code),
+            template_file.read_text() if template_file.is_file() else None,
+        )
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize, **kwargs,
+        )

@@ -9,6 +9,9 @@ real checkpoint takes runs air-gapped, on a laptop, in seconds.
 `ensure_tiny_model()` builds it once into a cache directory (into a temporary folder, then
 renamed into place, so concurrent builders never see half a model) and returns the path.
 Builds are seeded: two builds give identical weights and tokenizer.
+
+Other families, to prove the pipeline is model-agnostic, are built the same way by
+actors/tiny_families.py: `builtin:tiny-qwen2-vl` and `builtin:tiny-idefics3` (SmolVLM).
 """
 
 from __future__ import annotations
@@ -18,11 +21,25 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TINY_MODEL_URI = "builtin:tiny"
 # Bump when anything below changes: the cache directory is keyed by it.
 TINY_MODEL_VERSION = "3"
+
+
+def _builders() -> dict[str, tuple[str, Callable[[Path], None]]]:
+    """builtin URI -> (cache folder name, builder)."""
+    from actors import tiny_families
+
+    return {
+        TINY_MODEL_URI: (f"tiny-llava-next-v{TINY_MODEL_VERSION}", _build),
+        **tiny_families.BUILDERS,
+    }
+
+
+TINY_MODELS = (TINY_MODEL_URI, "builtin:tiny-qwen2-vl", "builtin:tiny-idefics3")
 
 TILE = 56
 PATCH = 14
@@ -54,22 +71,26 @@ def tiny_grid_pinpoints() -> list[list[int]]:
     ]
 
 
-def tiny_model_cache_dir() -> Path:
-    root = os.environ.get("TESSERA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tessera"
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("TESSERA_CACHE_DIR")
+        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tessera")
     )
-    return Path(root) / "models" / f"tiny-llava-next-v{TINY_MODEL_VERSION}"
 
 
-def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the built tiny model, building it first if needed."""
-    target = Path(cache_dir) if cache_dir else tiny_model_cache_dir()
+def tiny_model_cache_dir(uri: str = TINY_MODEL_URI) -> Path:
+    return cache_root() / "models" / _builders()[uri][0]
+
+
+def ensure_tiny_model(cache_dir: Path | None = None, uri: str = TINY_MODEL_URI) -> Path:
+    """Return the directory of the built tiny model `uri`, building it first if needed."""
+    target = Path(cache_dir) if cache_dir else tiny_model_cache_dir(uri)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        _build(staging)
+        _builders()[uri][1](staging)
         try:
             os.rename(staging, target)
         except OSError:
@@ -144,28 +165,34 @@ def _build(out: Path) -> None:
 
 
 def _build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+    return build_bpe_tokenizer(
+        SPECIAL_TOKENS,
         bos_token="<s>",
         eos_token="<|im_end|>",
         unk_token="<unk>",
         pad_token="<pad>",
-        padding_side="left",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def build_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 512, **named_tokens):
+    """A byte-level BPE tokenizer trained on a small fixed corpus (deterministic), with
+    `special_tokens` first in its vocabulary; `named_tokens` (bos_token=…, pad_token=…,
+    extra_special_tokens=…) name them for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=named_tokens.get("unk_token")))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **named_tokens)
 
 
 CHAT_TEMPLATE = (

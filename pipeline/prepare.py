@@ -47,7 +47,8 @@ class Preparer:
 
     def __init__(self, ctx: PrepareContext):
         self.spec = ctx.spec
-        self.processor = load_processor(ctx.model.path, ctx.model.trust_remote_code)
+        # Only the processor's files: a CPU worker never downloads the weights.
+        self.processor = load_processor(ctx.model.local_path(weights=False), ctx.model.trust_remote_code)
         self.adapter = adapter_for(ctx.model.model_type)
         plan = AnyresPlan.from_processor(self.processor.image_processor) if self.adapter.accepts_tiles else None
         self.decoder = MediaDecoder(ctx.spec.media, Shaping(self.adapter.frame_size(self.processor), plan))

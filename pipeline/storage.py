@@ -672,3 +672,28 @@ def remove(uri: str, storage: StorageSpec | None = None, recursive: bool = False
 
     _io("removing", uri, storage, rm)
 
+
+
+def list_objects(uri: str, storage: StorageSpec | None = None) -> dict[str, dict]:
+    """Every object under the prefix `uri`, by path relative to it: {"size", "version"} (the
+    version is the ETag, or size and mtime): what keys a cached copy of a folder
+    (pipeline/model_cache.py)."""
+    fs, path = filesystem(uri, storage)
+    root = path.rstrip("/") + "/"
+
+    def find() -> dict:
+        return fs.find(path, detail=True)
+
+    found = _io("listing", uri, storage, find)
+    return {
+        name[len(root) :]: {"size": int(info.get("size") or 0), "version": object_version(info)}
+        for name, info in found.items()
+        if name.startswith(root) and info.get("type", "file") != "directory"
+    }
+
+
+def download(uri: str, local_file: str, storage: StorageSpec | None = None) -> None:
+    """Copy one object to a local file, streaming (model weights are GBs), under `storage.retries`."""
+    fs, path = filesystem(uri, storage)
+    os.makedirs(os.path.dirname(local_file) or ".", exist_ok=True)
+    _io("downloading", uri, storage, lambda: fs.get_file(path, local_file))
