@@ -69,6 +69,24 @@ class Adapter:
         )
         return self.pack(processor, out, len(images))
 
+    def prepare_for_engine(self, processor, images: list[Image.Image], text: str) -> ModelInputs:
+        """For an engine that runs the model's processor itself (vLLM): the prompt text and
+        the images as uint8 arrays, each no larger than the processor would ever use."""
+        bound = self.max_pixels(processor)
+        arrays = []
+        for image in images:
+            width, height = image.size
+            if bound and width * height > bound:
+                scale = (bound / (width * height)) ** 0.5
+                image = image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        ids = processor.tokenizer([text], return_tensors="np")["input_ids"][0].astype(np.int32)
+        return ModelInputs(input_ids=ids, pixels=None, text=text, images=arrays, n_tiles=len(arrays))
+
+    def max_pixels(self, processor) -> int | None:
+        """The most pixels of an image the processor keeps (None: unknown, keep all)."""
+        return None
+
     def prepare_tiled(self, processor, tiles: list[np.ndarray], sizes: list[tuple[int, int]], text: str) -> ModelInputs:
         """Like `prepare`, for images already tiled: uint8 [tiles, 3, H, W] and the
         (width, height) the model is told, per image."""
@@ -112,6 +130,10 @@ class LlavaNextAdapter(Adapter):
     """
 
     accepts_tiles = True
+
+    def max_pixels(self, processor) -> int | None:
+        grid = getattr(processor.image_processor, "image_grid_pinpoints", None)
+        return max(int(h) * int(w) for h, w in grid) if grid else None
 
     def prepare_tiled(self, processor, tiles, sizes, text):
         # The placeholder count per image is the processor's own rule applied to the size the
@@ -204,6 +226,9 @@ class Qwen2VLAdapter(Adapter):
     <|image_pad|> per image becomes t*h*w / merge² of them.
     """
 
+    def max_pixels(self, processor) -> int | None:
+        return (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
+
     def frame_size(self, processor) -> tuple[int, int]:
         longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge") or 448 * 448
         side = max(28, int(longest**0.5) // 28 * 28)
@@ -245,6 +270,10 @@ class Idefics3Adapter(Adapter):
     pixels: uint8 [tiles of the row, 3, H, W]; extras: pixel_attention_mask bool [tiles, H, W].
     The processor writes the prompt's tile tokens (<row_r_col_c>, <image> × image_seq_len).
     """
+
+    def max_pixels(self, processor) -> int | None:
+        longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
+        return int(longest) ** 2 if longest else None
 
     def frame_size(self, processor) -> tuple[int, int]:
         side = int((getattr(processor.image_processor, "max_image_size", None) or {}).get("longest_edge") or 364)

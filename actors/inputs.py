@@ -19,14 +19,23 @@ class ModelInputs:
     pixels: np.ndarray | None  # uint8, layout defined by the adapter (e.g. [tiles, 3, H, W])
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. image_sizes, patches per image
     n_tiles: int = 0
+    # For engines that run the model's processor themselves (vLLM): the chat-templated
+    # prompt and the decoded, downscaled images (uint8 [H, W, 3] each); `pixels` is None.
+    text: str | None = None
+    images: list[np.ndarray] | None = None
 
     @property
     def pixel_bytes(self) -> int:
+        if self.images is not None:
+            return sum(int(image.nbytes) for image in self.images)
         return 0 if self.pixels is None else int(self.pixels.nbytes)
 
     def to_bytes(self) -> bytes:
         return pickle.dumps(
-            {"input_ids": self.input_ids, "pixels": self.pixels, "extras": self.extras, "n_tiles": self.n_tiles},
+            {
+                "input_ids": self.input_ids, "pixels": self.pixels, "extras": self.extras, "n_tiles": self.n_tiles,
+                "text": self.text, "images": self.images,
+            },
             protocol=5,
         )
 

@@ -50,7 +50,11 @@ class Predictor:
             _defaults(row)
             if row["error_code"] is None:
                 items.append(_Item(row, ModelInputs.from_bytes(blob)))
-        for chunk in token_budget_chunks(items, self.model_spec, self.task.sampling.max_new_tokens):
+        if getattr(self.backend, "schedules_itself", False):
+            chunks = [items] if items else []  # e.g. vLLM: it batches and schedules by itself
+        else:
+            chunks = token_budget_chunks(items, self.model_spec, self.task.sampling.max_new_tokens)
+        for chunk in chunks:
             self._run_chunk(chunk)
         for item in items:
             item.row["replica"] = self.replica

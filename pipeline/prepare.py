@@ -50,7 +50,10 @@ class Preparer:
         # Only the processor's files: a CPU worker never downloads the weights.
         self.processor = load_processor(ctx.model.local_path(weights=False), ctx.model.trust_remote_code)
         self.adapter = adapter_for(ctx.model.model_type)
-        plan = AnyresPlan.from_processor(self.processor.image_processor) if self.adapter.accepts_tiles else None
+        # vLLM runs the model's processor itself: the worker decodes and downscales, never tiles.
+        self.for_engine = ctx.spec.model.backend == "vllm"
+        tiles = self.adapter.accepts_tiles and not self.for_engine
+        plan = AnyresPlan.from_processor(self.processor.image_processor) if tiles else None
         self.decoder = MediaDecoder(ctx.spec.media, Shaping(self.adapter.frame_size(self.processor), plan))
         self.task = ctx.task
         self.template = _JINJA.from_string(self.task.prompt_template)
@@ -115,7 +118,10 @@ class Preparer:
         sizes = [size for item in items for size in item.sizes]
         text = self.render_prompt(row, len(sizes))
         try:
-            if all(item.tiles is not None for item in items):
+            if self.for_engine:
+                images = [image for item in items for image in item.images]
+                inputs = self.adapter.prepare_for_engine(self.processor, images, text)
+            elif all(item.tiles is not None for item in items):
                 tiles = [tile for item in items for tile in item.tiles]
                 inputs = self.adapter.prepare_tiled(self.processor, tiles, sizes, text)
             else:
