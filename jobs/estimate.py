@@ -143,11 +143,11 @@ class CpuStage:
 def measure_cpu_stage(spec: JobSpec, rows: list[dict]) -> CpuStage:
     """Run the sampled rows through the real CPU stage, one at a time, in this process."""
     from actors.inputs import ModelInputs
-    from actors.loading import resolve_model
+    from pipeline.model_cache import resolve
     from pipeline.prepare import PrepareContext, Preparer
     from schemas.tasks import resolve_task
 
-    model = resolve_model(spec.model)
+    model = resolve(spec.model, spec.storage)  # a model in object storage: its processor files only
     preparer = Preparer(PrepareContext(run_id="estimate", spec=spec, model=model, task=resolve_task(spec.task)))
     image_token = image_token_id(preparer.processor)
     errors, decode_s, fetch_s, per_ok = Counter(), [], [], []
@@ -288,9 +288,9 @@ def estimate(
 
 
 def _model_type(spec: JobSpec) -> str:
-    from actors.loading import resolve_model
+    from pipeline.model_cache import resolve
 
-    return resolve_model(spec.model).model_type
+    return resolve(spec.model, spec.storage).model_type
 
 
 def print_estimate(est: Estimate) -> None:
