@@ -106,7 +106,12 @@ def unbounded_paths(schema: dict) -> list[str]:
         for name, child in (node.get("properties") or {}).items():
             visit(child, f"{path}.{name}" if path else name, seen)
         extra = node.get("additionalProperties")
-        if isinstance(extra, dict):
+        if isinstance(extra, dict):  # a map: its keys and its size need bounds too
+            names = node.get("propertyNames") or {}
+            if not any(k in names for k in ("maxLength", "enum", "const", "pattern")):
+                found.append(f"{path}.<keys>")
+            if "maxProperties" not in node:
+                found.append(f"{path}.<size>")
             visit(extra, f"{path}.*", seen)
 
     visit(schema, "", ())

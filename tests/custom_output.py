@@ -16,5 +16,6 @@ class ProductListing(BaseModel):
     category: Literal["clothing", "electronics", "furniture", "other"]
     price: Price
     colors: list[Annotated[str, Field(max_length=16)]] = Field(max_length=4)
-    attributes: dict[str, Annotated[str, Field(max_length=24)]] = Field(max_length=3)
+    # A map: its keys need a bound too (`propertyNames.maxLength`), or a weak model may never close one.
+    attributes: dict[Annotated[str, Field(max_length=16)], Annotated[str, Field(max_length=24)]] = Field(max_length=3)
     in_stock: bool

@@ -27,9 +27,12 @@ def test_unbounded_paths_are_reported():
             "n": {"type": "number", "minimum": 0},
             "items": {"type": "array", "items": {"type": "string", "maxLength": 3}},
             "ok": {"type": "string", "enum": ["a"]},
+            "map": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "bounded_map": {"type": "object", "additionalProperties": {"type": "boolean"},
+                            "propertyNames": {"maxLength": 8}, "maxProperties": 4},
         },
     }
-    assert unbounded_paths(schema) == ["free", "n", "items"]
+    assert unbounded_paths(schema) == ["free", "n", "items", "map.<keys>", "map.<size>"]
 
 
 def test_arrow_types_from_schema():
