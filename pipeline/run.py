@@ -120,6 +120,7 @@ def run_job(
         bound.error("error_budget_exceeded", reason=str(exc))
         raise
 
+    bound.info("verifying", hint="counting distinct manifest ids against the ids committed")
     verified = verify(spec, files, written, totals.skipped, limit, plan.shuffle_partitions)
     summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started)
     summary["mode"] = "redrive" if redrive_codes is not None else spec.output.mode
@@ -191,7 +192,12 @@ def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int
         ids_out = read_results(written, spec.storage, ["id", "manifest_id"]).map_batches(_tag_written_ids, batch_format="pyarrow")
         ids_in = ids_in.union(ids_out)
     per_id = ids_in.groupby("manifest_id", num_partitions=partitions).map_groups(_count_ids, batch_format="pyarrow")
-    counts = per_id.sum(["rows_in", "rows_written", "written_twice", "written_not_in_manifest"]) or {}
+    context = ray.data.DataContext.get_current()
+    shown, context.enable_progress_bars = context.enable_progress_bars, False  # the job's bars were the story
+    try:
+        counts = per_id.sum(["rows_in", "rows_written", "written_twice", "written_not_in_manifest"]) or {}
+    finally:
+        context.enable_progress_bars = shown
     rows_in = int(counts.get("sum(rows_in)") or 0)
     rows_written = int(counts.get("sum(rows_written)") or 0)
     twice = int(counts.get("sum(written_twice)") or 0)
