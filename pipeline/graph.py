@@ -157,7 +157,10 @@ def replica_placement_group(gpus: int, cpus: float, accelerator_type: str | None
 
 
 def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> ray.data.Dataset:
-    ds = ray.data.read_datasource(ManifestDatasource(files, spec.input, spec.storage))
+    # One read task per manifest file, each streaming small blocks. Left to itself Ray Data
+    # aims for 200 read blocks and splits every small block further, down to one row each:
+    # then every stage until the shuffle runs a task per row.
+    ds = ray.data.read_datasource(ManifestDatasource(files, spec.input, spec.storage), override_num_blocks=len(files))
     return ds.limit(limit) if limit else ds
 
 
