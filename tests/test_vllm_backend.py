@@ -41,6 +41,7 @@ def test_tensor_parallel_replica_gets_a_placement_group():
     single = Plan(replicas=(1, 4), gpus_per_replica=0.5, cpus_per_replica=1.0, cpu_concurrency=4, rows_per_file=10,
                   shuffle_partitions=2)
     assert replica_resources(single, None) == {"num_gpus": 0.5}
+    assert replica_resources(single, "A100") == {"num_gpus": 0.5, "accelerator_type": "A100"}
 
 
 def test_engine_arguments():
@@ -127,3 +128,55 @@ def _is_json(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+@pytest.mark.slow
+def test_placement_group_per_replica_holds_its_tensor_parallel_workers():
+    """What vLLM's Ray executor relies on, with Ray Data and fake GPUs: each replica Ray Data
+    starts gets its own STRICT_PACK group (via ray_remote_args_fn), and tasks the actor starts
+    (vLLM's workers, here stand-ins asking for one GPU each) land in that group's bundles."""
+    import ray
+    import ray.data
+
+    from pipeline.graph import Plan, replica_resources
+
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        plan = Plan(replicas=(2, 2), gpus_per_replica=2, cpus_per_replica=1.0, cpu_concurrency=1, rows_per_file=1,
+                    shuffle_partitions=2, placement="placement_group")
+
+        class Replica:
+            def __init__(self):
+                @ray.remote(num_gpus=1, num_cpus=0)
+                def worker():
+                    return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+                group = ray.util.get_current_placement_group()
+                self.group = group.id.hex() if group else None
+                self.workers = ray.get([worker.remote() for _ in range(2)])
+                self.actor = ray.get_runtime_context().get_actor_id()
+
+            def __call__(self, batch):
+                gpus = sorted(str(g) for _, ids in self.workers for g in ids)
+                return {"actor": [self.actor] * len(batch["id"]), "group": [self.group] * len(batch["id"]),
+                        "gpus": [",".join(gpus)] * len(batch["id"])}
+
+        context = ray.data.DataContext.get_current()
+        waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+        try:
+            rows = ray.data.range(16, override_num_blocks=8).map_batches(
+                Replica, batch_size=1, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1,
+                **replica_resources(plan, None),
+            ).take_all()
+        finally:
+            context.wait_for_min_actors_s = waited
+    finally:
+        ray.shutdown()
+    replicas = {row["actor"]: (row["group"], row["gpus"]) for row in rows}
+    groups = {group for group, _ in replicas.values()}
+    assert None not in groups and len(groups) == len(replicas)  # a group per replica
+    held = [set(gpus.split(",")) for _, gpus in replicas.values()]
+    assert all(len(gpus) == 2 for gpus in held)  # two workers, two GPUs, inside the group
+    if len(held) == 2:
+        assert held[0].isdisjoint(held[1])
