@@ -71,7 +71,7 @@ def test_custom_pydantic_schema_end_to_end(small_corpus, make_spec, ray_local):
     assert "attributes MAP(VARCHAR, VARCHAR)" in types["output"] and "colors VARCHAR[]" in types["output"]
     currencies = duckdb.sql(f"SELECT DISTINCT output.price.currency FROM {results}").fetchall()
     assert {c for (c,) in currencies} <= {"EUR", "USD", "GBP"}
-    stock = duckdb.sql(f"SELECT count(*) FROM {results} WHERE output.in_stock IS NOT NULL").fetchone()[0]
+    stock = duckdb.sql(f"SELECT count(*) FROM {results} WHERE output.in_stock IS NOT NULL").fetchall()[0][0]
     assert stock == 5
 
 
