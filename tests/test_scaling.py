@@ -17,12 +17,13 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 
-def _manifest(folder: Path, rows: int, images: int = 4) -> Path:
-    """`rows` manifest rows over `images` small distinct PNGs (ids are distinct)."""
+def _manifest(folder: Path, rows: int, images: int = 4, size: tuple[int, int] = (64, 48)) -> Path:
+    """`rows` manifest rows over `images` distinct PNGs (ids are distinct)."""
     media = folder / "media"
     media.mkdir(parents=True, exist_ok=True)
     for index in range(images):
-        Image.new("RGB", (64 + 16 * index, 48), (40 * index % 255, 90, 160)).save(media / f"img-{index}.png")
+        width, height = size
+        Image.new("RGB", (width + 16 * index, height), (40 * index % 255, 90, 160)).save(media / f"img-{index}.png")
     manifest = folder / "manifest.jsonl"
     with manifest.open("w") as out:
         for row in range(rows):
@@ -75,16 +76,19 @@ def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_mode
 
 
 def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path, tiny_model_path):
-    fresh_ray.init(num_cpus=5, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    fresh_ray.init(num_cpus=6, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # Enough work that one replica falls behind the CPU stage for longer than a new replica
+    # takes to start (tens of seconds on a loaded 2-core machine: a fresh worker imports torch
+    # and loads the model): larger images (more tiles), longer answers, many rows.
     summary = _run(
         make_spec,
-        _manifest(tmp_path, rows=160),
-        {"gpus_per_replica": 1, "replicas": [1, 3], "batch_size": 4, "batches_in_flight": 2},
-        max_new_tokens=24,
+        _manifest(tmp_path, rows=800, size=(300, 200)),
+        {"gpus_per_replica": 1, "replicas": [1, 3], "batch_size": 4, "batches_in_flight": 4},
+        max_new_tokens=64,
     )
 
-    assert summary["processed"] == 160
-    assert summary["plan"]["replicas"] == [1, 3]
+    assert summary["processed"] == 800
+    assert tuple(summary["plan"]["replicas"]) == (1, 3)
     # Started with one replica; the queue made Ray Data add at least one more.
     assert 2 <= summary["placement"]["replicas"] <= 3, summary["replicas"]
     gpus = [gpu for entry in summary["replicas"].values() for gpu in entry["gpu_ids"]]
