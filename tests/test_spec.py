@@ -92,3 +92,23 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path):
     assert spec.output.path == str(tmp_path / "out/demo-moderation")
     remote = parse_spec({**MINIMAL, "output": {"path": "s3://bucket/out"}}).resolved(tmp_path)
     assert remote.output.path == "s3://bucket/out"
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"gpus_per_replica": 2.5}, "whole number of GPUs"),
+        ({"replicas": [1, 3], "batches_in_flight": 1}, "batches_in_flight must be at least 2"),
+        ({"engine_kwargs": {"max_model_len": 4096}}, "engine_kwargs are vLLM engine arguments"),
+    ],
+)
+def test_placement_keys_are_checked(model, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**MINIMAL, "model": {**MINIMAL["model"], **model}})
+
+
+def test_placement_keys_accepted():
+    spec = parse_spec({**MINIMAL, "model": {"gpus_per_replica": 0.5, "replicas": [1, 4], "backend": "vllm",
+                                            "engine_kwargs": {"max_model_len": 4096}, "accelerator_type": "H100"}})
+    assert spec.model.gpus_per_replica == 0.5 and spec.model.replicas == (1, 4)
+    assert parse_spec({**MINIMAL, "model": {"gpus_per_replica": 8}}).model.gpus_per_replica == 8
