@@ -26,6 +26,7 @@ import yaml
 
 from benchmarks.common import BENCH_DIR, emit, machine, read_summary, run_tessera, write_result
 from benchmarks.corpus import CorpusSpec, describe, make_corpus, plan_pool
+from jobs.report import write_report
 
 PROMPT = "Describe the image in one sentence."
 MAX_NEW_TOKENS = 32
@@ -105,6 +106,7 @@ def run_pipeline(workdir: Path, manifest: Path, prompt: str, max_new_tokens: int
     measured = run_tessera(spec_path, run_id, workdir / "tessera.log")
     summary = read_summary(output, run_id)
     results = pq.read_table(summary["output"]["run_dir"]).to_pylist()
+    report = write_report(str(output), run_id)
     return {
         "items": summary["rows_out"],
         "ok": summary["ok"],
@@ -115,6 +117,7 @@ def run_pipeline(workdir: Path, manifest: Path, prompt: str, max_new_tokens: int
         "texts": {row["id"]: row["raw_text"] for row in results},
         "run_id": run_id,
         "summary": str(output / "_runs" / run_id / "summary.json"),
+        "report": report.html,
     }
 
 
@@ -198,7 +201,8 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         ("      decode + processor", f"{stages['decode_and_processor_cpu_s']} s summed over rows; {pct('decode_ms')}"),
         ("      infer", f"{stages['infer_actor_s']} s in {stages['infer_batches']} batches; {pct('infer_ms')} per batch"),
         ("(b) invariant check", f"{stages['invariant_check_s']} s"),
-        ("same text (a) vs (b)", f"{result['same_text_share']}"),
+        ("same text (a) vs (b)", f"{result['same_text_share']} (JPEG draft decoding changes a few pixels)"),
+        ("(b) run report", tes["report"]),
         ("machine", f"{result['machine']['cpus']} CPUs, GPU {result['machine']['gpu']}, load {result['machine']['load_avg_1m_at_start']} at start"),
     ]
 

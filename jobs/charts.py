@@ -22,6 +22,7 @@ GRID = "#e4e7eb"
 ACCENT = "#2563eb"
 ACCENT_LIGHT = "#93b4f5"
 ERROR = "#c2410c"
+TAIL = "#f1f3f6"
 
 WIDTH = 720
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
@@ -280,6 +281,8 @@ def throughput_chart(timeline: list[list[float]], wall_s: float, mean: float | N
     def sy(rate: float) -> float:
         return bottom - (bottom - top) * rate / y_ticks[-1]
 
+    if timeline:
+        _tail_note(scene, timeline, end, sx, top, bottom)  # under the grid lines
     _grid(scene, [(sy(v), fmt_number(v)) for v in y_ticks], left, right)
     for t in x_ticks:
         scene.add(Label(sx(t), bottom + 16, fmt_duration(t), size=11, fill=MUTED, anchor="middle", cls="tick"))
@@ -301,6 +304,16 @@ def throughput_chart(timeline: list[list[float]], wall_s: float, mean: float | N
         scene.add(Line([(legend_x - 30, 10), (legend_x - 6, 10)], stroke=INK, width=1, dash=(5, 4), opacity=0.7))
         scene.add(Label(legend_x, 10, legend, size=11, fill=INK, cls="legend"))
     return scene
+
+
+def _tail_note(scene: Scene, timeline: list[list[float]], end: float, sx, top: float, bottom: float) -> None:
+    """Name the time after the last commit, or a reader takes the drop to zero for a stall."""
+    last = max(float(t) for t, _ in timeline)
+    if end - last < 0.05 * end:
+        return
+    scene.add(Rect(sx(last), top, sx(end) - sx(last), bottom - top, TAIL, cls="tail"))
+    scene.add(Label((sx(last) + sx(end)) / 2, top + 14, "after the last commit:", size=11, fill=MUTED, anchor="middle"))
+    scene.add(Label((sx(last) + sx(end)) / 2, top + 30, "invariant check, summary", size=11, fill=MUTED, anchor="middle"))
 
 
 def errors_chart(errors_by_code: dict[str, int], rows: int) -> Scene:

@@ -270,7 +270,7 @@ svg.chart { display: block; width: 100%; height: auto; }
 table { width: 100%; border-collapse: collapse; font-size: 13px; }
 th, td { text-align: left; vertical-align: top; padding: 6px 8px; border-top: 1px solid var(--line); }
 th { width: 180px; color: var(--muted); font-weight: 500; }
-td { word-break: break-all; font-variant-numeric: tabular-nums; }
+td { overflow-wrap: anywhere; font-variant-numeric: tabular-nums; }
 @media (max-width: 640px) { .kpis { grid-template-columns: repeat(2, 1fr); } }
 footer { color: var(--muted); font-size: 12px; margin-top: 8px; }
 """
