@@ -4,7 +4,9 @@ A benchmark is any module here that is not a helper (HELPERS) and runs as
 `python -m benchmarks.<name>`. Each prints a human table and one machine-readable JSON object
 per benchmark, on a line that starts with `BENCH_JSON ` (a line that is a JSON object with a
 "benchmark" key counts too). This collects those objects into
-`.cache/bench/results.jsonl` and ends with a short table of the headline numbers.
+`.cache/bench/results.jsonl` and ends with a short table of the headline numbers. A
+benchmark that cannot run on this machine (e.g. the GPU benchmark without CUDA) exits with
+status 2 and no result: it is listed as skipped, not failed.
 
     python -m benchmarks.run_all               # N = 2,000 (and 20,000 for scaling)
     python -m benchmarks.run_all --n 50        # a quick look
@@ -23,6 +25,7 @@ from pathlib import Path
 from benchmarks.common import BENCH_DIR, JSON_PREFIX, REPO, bench_env
 
 HELPERS = {"__init__", "common", "corpus", "run_all"}
+NOT_HERE = 2  # the exit status of a benchmark that cannot run on this machine
 # Benchmarks that take the job size; the others run with their own defaults.
 SIZED = {"e2e", "scaling"}
 # Slowest last, so that a quick look at the others comes first.
@@ -34,20 +37,22 @@ def discover() -> list[str]:
     return sorted(names, key=lambda name: (name in ORDER, ORDER.index(name) if name in ORDER else 0, name))
 
 
-def run_one(name: str, n: int) -> tuple[list[dict], int, float]:
-    """Run one benchmark, echoing its output as it comes; its JSON objects, exit code, seconds."""
+def run_one(name: str, n: int) -> tuple[list[dict], int, float, str]:
+    """Run one benchmark, echoing its output as it comes; its JSON objects, exit code,
+    seconds, and its last line of output."""
     command = [sys.executable, "-m", f"benchmarks.{name}"] + (["--n", str(n)] if name in SIZED else [])
     print(f"\n### {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=bench_env())
-    objects = []
+    objects, last = [], ""
     for line in process.stdout:
         found = parse_result(line)
         if found is not None:
             objects.append(found)
         if not line.startswith(JSON_PREFIX):
             sys.stdout.write(line)
-    return objects, process.wait(), time.perf_counter() - started
+            last = line.strip() or last
+    return objects, process.wait(), time.perf_counter() - started, last
 
 
 def parse_result(line: str) -> dict | None:
@@ -89,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     closing, failed = [], []
     with open(results_path, "w") as out:
         for name in names:
-            objects, code, seconds = run_one(name, args.n)
+            objects, code, seconds, last = run_one(name, args.n)
+            if code == NOT_HERE and not objects:
+                closing.append((name, f"skipped: {last[:100]}", seconds))
+                continue
             if code != 0:
                 failed.append(name)
             for result in objects:
