@@ -239,7 +239,10 @@ def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
 
 
 def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
-    manifest = write_corpus(tmp_path / "corpus", 24)
+    # Kill once a few files are committed, with most of the work still ahead (one row per
+    # file, one row per batch: commits come one at a time, never all at once).
+    TOTAL, KILL_AT = 60, 8
+    manifest = write_corpus(tmp_path / "corpus", TOTAL)
     output = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump({
@@ -247,7 +250,7 @@ def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
         "input": {"manifest": str(manifest)},
         "output": {"path": str(output), "rows_per_file": 1},
         "model": {"batch_size": 1},
-        "task": free_text(tokens=24),
+        "task": free_text(tokens=32),
         "ray": {"num_cpus": 2},
     }))
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -257,7 +260,7 @@ def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
     )
     try:
         deadline = time.time() + 600
-        while len(committed(output)) < 12 and driver.poll() is None and time.time() < deadline:
+        while len(committed(output)) < KILL_AT and driver.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert driver.poll() is None, "the run ended before it could be killed"
         started = psutil.Process(driver.pid).children(recursive=True)  # its Ray processes
@@ -272,7 +275,7 @@ def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
         if driver.poll() is None:
             driver.kill()
     done_before = committed_rows(output)
-    assert 12 <= done_before < 24
+    assert KILL_AT <= done_before < TOTAL
 
     rerun = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "run", str(spec_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
@@ -281,7 +284,7 @@ def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
     (summary_path,) = [p for p in output.glob("_runs/*/summary.json")]
     summary = json.loads(summary_path.read_text())
     assert summary["skipped"] == done_before
-    assert summary["processed"] == 24 - done_before
+    assert summary["processed"] == TOTAL - done_before
     assert summary["invariant"]["ok"]
     ids = result_ids(output)
-    assert sorted(ids) == [f"item-{i:03d}" for i in range(24)]
+    assert sorted(ids) == [f"item-{i:03d}" for i in range(TOTAL)]
