@@ -83,6 +83,10 @@ def build_dataset(
     limit: int | None = None,
 ) -> ray.data.Dataset:
     ds = select_due(read_manifest(spec, files, limit), committed, policy, plan.shuffle_partitions, spec.storage)
+    # The shuffle may hand on a few large blocks (one per partition): cut them to a CPU task's
+    # worth, streaming, so decoding spreads over the CPU workers and the actor pool gets many
+    # small batches to spread over its replicas (else one replica takes a whole partition).
+    ds = ds.repartition(target_num_rows_per_block=PREPARE_BATCH_ROWS)
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={"ctx": PrepareContext(run_id=run_id, spec=spec, model=model, task=task)},
