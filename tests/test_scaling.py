@@ -89,10 +89,11 @@ def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path,
 
     assert summary["processed"] == 800
     assert tuple(summary["plan"]["replicas"]) == (1, 3)
-    # Started with one replica; the queue made Ray Data add at least one more.
-    assert 2 <= summary["placement"]["replicas"] <= 3, summary["replicas"]
-    gpus = [gpu for entry in summary["replicas"].values() for gpu in entry["gpu_ids"]]
-    assert len(gpus) == len(set(gpus)), "two replicas were given the same GPU"
+    # Started with one replica; the queue made Ray Data add at least one more. (Over a run the
+    # pool may also shrink when the queue drains and grow again: the summary counts every
+    # replica that took rows, at most 3 of them at a time, each on one of the 3 GPUs.)
+    assert summary["placement"]["replicas"] >= 2, summary["replicas"]
+    assert all(len(entry["gpu_ids"]) == 1 and entry["gpu_ids"][0] in {"0", "1", "2"} for entry in summary["replicas"].values())
 
 
 def test_multi_node_cluster_spreads_replicas(make_spec, tmp_path, tiny_model_path):
