@@ -24,7 +24,6 @@ import os
 import statistics
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,32 +199,12 @@ def encode_long_video(path: Path, seconds: int, fps: int, size: tuple[int, int],
     """A real H.264 file (cached): a moving square over a gradient, keyframe every gop_s."""
     if path.exists():
         return path.read_bytes()
-    import av
-    import numpy as np
+    from jobs.sample import encode_video
 
-    from jobs.sample import synthetic_image
-
-    width, height = size
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": str(int(gop_s * fps)), "keyint_min": str(int(gop_s * fps))}
-        stream.time_base = Fraction(1, fps)
-        background = np.asarray(synthetic_image(width, height, seed=7))
-        for index in range(seconds * fps):
-            frame = background.copy()
-            x = (index * 3) % max(1, width - 40)
-            frame[20:60, x : x + 40] = (255, 0, 0)
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video_frame.pts = index
-            for packet in stream.encode(video_frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    data = encode_video(seconds=seconds, fps=fps, size=size, seed=7, keyframe_every_s=gop_s)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
-    return buffer.getvalue()
+    path.write_bytes(data)
+    return data
 
 
 def decode_every_frame(data: bytes, times: list[float], frame_size: tuple[int, int]) -> tuple[Clock, int, int]:

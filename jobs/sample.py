@@ -53,9 +53,10 @@ def encode_image(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def encode_video(
     seconds: float = 4.0, fps: int = 10, size: tuple[int, int] = (320, 240), codec: str = "libx264",
-    container: str = "mp4", seed: int = 0,
+    container: str = "mp4", seed: int = 0, keyframe_every_s: float = 1.0,
 ) -> bytes:
-    """A short real video: a moving square over a gradient, encoded by PyAV."""
+    """A real video: a moving square over a gradient, encoded by PyAV (H.264: a keyframe
+    every `keyframe_every_s` seconds)."""
     import av
 
     width, height = size
@@ -64,7 +65,8 @@ def encode_video(
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "g": str(fps)}  # a keyframe every second
+            gop = str(max(1, int(keyframe_every_s * fps)))
+            stream.options = {"preset": "ultrafast", "g": gop, "keyint_min": gop}
         stream.time_base = Fraction(1, fps)
         background = np.asarray(synthetic_image(width, height, seed))
         for index in range(int(seconds * fps)):
