@@ -27,6 +27,10 @@ def print_summary(summary: dict) -> None:
     echo(f"  throughput  {summary['throughput_rows_per_s'] or 0:>8.2f}   rows/s over {summary['wall_s']:.1f} s")
     lat = summary["latency_ms"]
     echo("  latency ms  " + "   ".join(f"{stage[:-3]} p50 {_fmt_ms(v['p50'])} p95 {_fmt_ms(v['p95'])}" for stage, v in lat.items()))
+    placement = summary.get("placement")
+    if placement and placement["replicas"]:
+        gpus = sorted({g for r in summary["replicas"].values() for g in r.get("gpu_ids") or []})
+        echo(f"  replicas    {placement['replicas']:>8}   on {placement['nodes']} node(s)" + (f", GPUs {', '.join(gpus)}" if gpus else ", CPU"))
     echo(f"  tokens      {summary['tokens']['input']} in, {summary['tokens']['output']} out; re-asks {summary['reasks']}, cut at the limit {summary['truncated']}")
     echo(f"  results     {summary['output']['run_dir']}")
     echo(f"  summary     {summary['output']['path']}/_runs/{summary['run_id']}/summary.json")
