@@ -23,7 +23,9 @@ from pipeline.sink import SinkContext, commit_batch
 from schemas.spec import JobSpec
 from schemas.tasks import Task
 
-PREPARE_BATCH_ROWS = 8
+# Rows per CPU task: enough that Ray's per-task overhead is small, few enough to spread a
+# short manifest over the CPU workers and the replicas.
+PREPARE_BATCH_ROWS = 32
 # Ray fuses a task stage into the next actor stage when their remote args are equal; the CPU
 # stage must stay separate so decoding overlaps inference. Its own retry policy keeps them apart.
 PREPARE_MAX_RETRIES = 3

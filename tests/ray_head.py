@@ -161,9 +161,11 @@ class RayHead:
                 continue
         return list(found.values())
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM to `ray start --block` (it shuts its children down), then SIGKILL to whatever
-        it started that is still there, remembered before the SIGTERM."""
+        it started that is still there, remembered before the SIGTERM. (`ray start --block`
+        often outlives the SIGTERM by far more than a few seconds: waiting longer only slows
+        the suite, the SIGKILLs below end exactly the same processes.)"""
         if self.process is None:
             return
         started = self.our_processes()
