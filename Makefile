@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Test files run on this many workers (pytest-xdist): most tests wait on Ray or a subprocess.
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.tessera-installed
 
 .PHONY: setup demo test bench clean help
@@ -25,7 +27,7 @@ demo: setup
 	$(BIN)/tessera run jobs/examples/demo-moderation.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

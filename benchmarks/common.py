@@ -70,6 +70,10 @@ def run_tessera(spec_path: Path, run_id: str, log_path: Path, sample_memory: boo
     if sample_memory:
         result["peak_pss_mib"] = round(sampler.peak_bytes / 2**20, 1)
         result["pss_samples"] = sampler.samples
+        result["peak_pss_mib_by_role"] = {
+            role: {"mib": round(entry["pss"] / 2**20, 1), "processes": entry["processes"]}
+            for role, entry in sorted(sampler.peak_by_role.items(), key=lambda item: -item[1]["pss"])
+        }
     if code != 0:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"tessera run exited {code}; log {log_path}:\n{tail}")
@@ -86,12 +90,14 @@ class PssSampler:
 
     PSS (proportional set size) splits each shared page among the processes that map it, so
     Ray's shared-memory object store and shared libraries count once, not once per worker.
+    At the peak it also keeps the PSS by kind of process (`peak_by_role`), to say what grew.
     """
 
     def __init__(self, pid: int, interval: float = 0.5):
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak_bytes = 0
+        self.peak_by_role: dict[str, dict] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -106,25 +112,45 @@ class PssSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            total = tree_pss(self.root)
+            by_role = tree_pss_by_role(self.root)
+            total = sum(entry["pss"] for entry in by_role.values())
             if total:
                 self.samples += 1
-                self.peak_bytes = max(self.peak_bytes, total)
+                if total > self.peak_bytes:
+                    self.peak_bytes, self.peak_by_role = total, by_role
             self._stop.wait(self.interval)
 
 
-def tree_pss(root: psutil.Process) -> int:
+def tree_pss_by_role(root: psutil.Process) -> dict[str, dict]:
+    """PSS bytes and process count of a process tree, by role: the driver, each Ray daemon,
+    and Ray workers by what they run (Ray names a busy worker `ray::<task or actor>`)."""
     try:
         processes = [root] + root.children(recursive=True)
     except psutil.Error:
-        return 0
-    total = 0
+        return {}
+    by_role: dict[str, dict] = {}
     for process in processes:
         try:
-            total += process.memory_full_info().pss
+            pss = process.memory_full_info().pss
+            role = "driver" if process.pid == root.pid else process_role(process)
         except psutil.Error:  # exited between listing and reading: it holds nothing now
-            pass
-    return total
+            continue
+        entry = by_role.setdefault(role, {"pss": 0, "processes": 0})
+        entry["pss"] += pss
+        entry["processes"] += 1
+    return by_role
+
+
+def process_role(process: psutil.Process) -> str:
+    name = process.name()
+    if name.startswith("ray::"):
+        # ray::MapWorker(MapBatches(Predictor)), ray::IDLE, ray::ReadManifest->...: keep the head.
+        return "worker " + name[5:].split("(")[0][:40]
+    cmdline = " ".join(process.cmdline()[:3])
+    for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "plasma"):
+        if daemon in cmdline:
+            return daemon
+    return name[:40]
 
 
 def emit(result: dict, rows: list[tuple[str, str]]) -> None:

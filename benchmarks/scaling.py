@@ -50,6 +50,7 @@ def run_size(workdir: Path, n: int, max_new_tokens: int, object_store_mb: int) -
         "items_per_s": round(summary["rows_out"] / measured["wall_s"], 3),
         "peak_pss_mib": measured["peak_pss_mib"],
         "pss_samples": measured["pss_samples"],
+        "peak_pss_mib_by_role": measured["peak_pss_mib_by_role"],
         "ok": summary["ok"],
         "errors_by_code": summary["errors_by_code"],
         "invariant_ok": summary["invariant"]["ok"],
@@ -96,6 +97,7 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
             (f"{run['n']:,} items", f"{run['wall_s']:.1f} s, {run['items_per_s']:.2f} items/s, peak PSS {run['peak_pss_mib']:,.0f} MiB"
              f" ({run['pss_samples']} samples), invariant {'ok' if run['invariant_ok'] else 'BROKEN'}")
         )  # fmt: skip
+        rows.append(("  at its peak", roles_line(run["peak_pss_mib_by_role"])))
     corpus = result["corpus"]
     return rows + [
         ("wall time ratio", f"{result['wall_ratio']:.2f} (linear: {result['factor']})"),
@@ -104,6 +106,12 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         ("settings", f"object store {result['object_store_mb']} MiB, max_new_tokens {result['max_new_tokens']}"),
         ("machine", f"{result['machine']['cpus']} CPUs, GPU {result['machine']['gpu']}, load {result['machine']['load_avg_1m_at_start']} at start"),
     ]
+
+
+def roles_line(by_role: dict[str, dict], top: int = 6) -> str:
+    """The largest kinds of process at the peak, e.g. `worker MapWorker x1 812`, in MiB."""
+    ranked = list(by_role.items())[:top]
+    return ", ".join(f"{role} x{entry['processes']} {entry['mib']:,.0f}" for role, entry in ranked)
 
 
 if __name__ == "__main__":

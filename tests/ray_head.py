@@ -10,10 +10,12 @@ its own (`start_new_session`), and `stop()` ends exactly that session: SIGTERM t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +74,15 @@ def head_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def short_temp_dir() -> Path:
+    # Not under pytest's tmp_path: Ray puts Unix sockets in the session dir, and a path over
+    # 107 bytes (pytest-xdist adds `popen-gwN/`) makes the dashboard's modules fail to start.
+    return Path(tempfile.mkdtemp(prefix="tessera-ray-"))
+
+
 @dataclass
 class RayHead:
-    temp_dir: Path
+    temp_dir: Path = field(default_factory=short_temp_dir)
     num_cpus: int = 2
     env: dict[str, str] = field(default_factory=head_environment)
     process: subprocess.Popen | None = None
@@ -184,3 +192,4 @@ class RayHead:
         psutil.wait_procs(left, timeout=10)
         if self.process.poll() is None:
             self.process.wait(10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -61,17 +61,20 @@ def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_mode
     # Start the pool's two actors before any work, so that both of them get some (else the
     # first one up may finish the few rows of a test before the second has loaded the model).
     monkeypatch.setattr(fresh_ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
+    # Three blocks of 32 rows, one batch in flight per replica: a busy replica takes no second
+    # block while the other is idle (with two in flight, one replica could queue both blocks).
     summary = _run(
-        make_spec, _manifest(tmp_path, rows=48), {"gpus_per_replica": 2, "replicas": 2, "batch_size": 2}, max_new_tokens=32
+        make_spec, _manifest(tmp_path, rows=96), {"gpus_per_replica": 2, "replicas": 2, "batch_size": 2, "batches_in_flight": 1},
+        max_new_tokens=32,
     )
 
-    assert summary["processed"] == summary["ok"] == 48
+    assert summary["processed"] == summary["ok"] == 96
     replicas = summary["replicas"]
     assert len(replicas) == 2 == summary["placement"]["replicas"], replicas
     held = [set(entry["gpu_ids"]) for entry in replicas.values()]
     assert all(len(gpus) == 2 for gpus in held), held  # each actor holds its bundle of two
     assert held[0].isdisjoint(held[1]) and held[0] | held[1] <= {"0", "1", "2", "3"}
-    assert sum(entry["rows"] for entry in replicas.values()) == 48
+    assert sum(entry["rows"] for entry in replicas.values()) == 96
     assert summary["plan"]["gpus_per_replica"] == 2 and summary["plan"]["placement"] == "actor"
 
 
@@ -141,3 +144,18 @@ def test_ray_address_order(monkeypatch, make_spec, tmp_path):
     in_spec = make_spec(manifest, ray={"address": "ray://spec:10001"})
     assert choose_ray_address(in_spec) == "ray://spec:10001"
     assert choose_ray_address(in_spec, "ray://cli:10001") == "ray://cli:10001"
+
+
+def test_decode_tasks_take_the_cpus_the_replicas_leave(make_spec, tmp_path):
+    """The CPU stage's plan is a pure function of the spec and the cluster's resources."""
+    from pipeline.graph import make_plan
+
+    manifest = tmp_path / "m.jsonl"
+    on_laptop = make_plan(make_spec(manifest), 0, {"CPU": 2.0})
+    assert (on_laptop.cpu_concurrency, on_laptop.cpus_per_decode_task) == (1, 1.0)
+    on_gpu_node = make_plan(make_spec(manifest, model={"replicas": 2, "gpus_per_replica": 1}), 0, {"CPU": 16.0, "GPU": 2.0})
+    assert (on_gpu_node.cpu_concurrency, on_gpu_node.cpus_per_decode_task) == (14, 1.0)
+    # More decode tasks than free CPUs: they share them, so Ray can still run them all at once.
+    shared = make_plan(make_spec(manifest, ray={"cpu_concurrency": 4}), 0, {"CPU": 2.0})
+    assert (shared.cpu_concurrency, shared.cpus_per_decode_task) == (4, 0.25)
+    assert shared.cpu_concurrency * shared.cpus_per_decode_task + shared.replicas[1] * shared.cpus_per_replica <= 2.0

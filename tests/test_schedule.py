@@ -140,12 +140,12 @@ def test_submission_ids_are_deterministic():
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")
         patch.delenv("RAY_ADDRESS", raising=False)
         patch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-        ray_head = RayHead(Path(tmp_path_factory.mktemp("ray", numbered=True)))
+        ray_head = RayHead()
         ray_head.start()
         try:
             yield ray_head
