@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Test files run on this many workers (pytest-xdist): most tests wait on Ray or a subprocess.
+# Tests run on this many workers (pytest-xdist): most of them wait on Ray or a subprocess.
+# loadgroup: a module marked xdist_group (costly module-scoped fixtures) stays on one worker.
 TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.tessera-installed
 
@@ -27,7 +28,7 @@ demo: setup
 	$(BIN)/tessera run jobs/examples/demo-moderation.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

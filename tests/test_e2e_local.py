@@ -8,7 +8,8 @@ import json
 import duckdb
 import pytest
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_local")]
 
 EXPECTED_ERRORS = {
     "broken-truncated": "decode.corrupt",

@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from jobs.sample import encode_image, encode_pdf, encode_video, synthetic_image
 from schemas.errors import ErrorCode
 
+# One xdist worker runs this whole module: its module-scoped fixtures are costly.
+pytestmark = pytest.mark.xdist_group("fuzz_decode")
+
 CODES = {code.value for code in ErrorCode}
 SEEDS = {
     "jpeg": encode_image(synthetic_image(96, 64, seed=1), "jpeg"),

@@ -29,7 +29,8 @@ import yaml
 
 from s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, credentials_env
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("s3_e2e")]
 
 INPUT, OUTPUT, PRIVATE = "tessera-e2e-in", "tessera-e2e-out", "tessera-e2e-private"
 OUTAGE_S = 3.0

@@ -28,6 +28,9 @@ from jobs.submit import (  # noqa: E402
 from jobs.ticks import CronSchedule, TickError, parse_tick, render_for_tick, tick_stamp  # noqa: E402
 from schemas.spec import ScheduleSpec, parse_spec  # noqa: E402
 
+# One xdist worker runs this whole module: its module-scoped fixtures are costly.
+pytestmark = pytest.mark.xdist_group("schedule")
+
 UTC = timezone.utc
 
 

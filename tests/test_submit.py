@@ -26,7 +26,8 @@ from jobs.submit import (  # noqa: E402
 )
 from schemas.spec import load_spec, parse_spec  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("submit")]
 
 TICK = "2026-11-22T03:00:00+00:00"
 SECRET_NAME, SECRET_VALUE = "TESSERA_TEST_FORWARDED", "s3cr3t-forwarded-value-4711"
