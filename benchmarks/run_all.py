@@ -26,8 +26,6 @@ from benchmarks.common import BENCH_DIR, JSON_PREFIX, REPO, bench_env
 
 HELPERS = {"__init__", "common", "corpus", "run_all"}
 NOT_HERE = 2  # the exit status of a benchmark that cannot run on this machine
-# Benchmarks that take the job size (from --n, --scaling-n); the others run with their own defaults.
-SIZED = {"e2e": "n", "scaling": "scaling_n"}
 # Slowest last, so that a quick look at the others comes first.
 ORDER = ["e2e", "scaling"]
 
@@ -37,10 +35,10 @@ def discover() -> list[str]:
     return sorted(names, key=lambda name: (name in ORDER, ORDER.index(name) if name in ORDER else 0, name))
 
 
-def run_one(name: str, args: argparse.Namespace) -> tuple[list[dict], int, float, str]:
-    """Run one benchmark, echoing its output as it comes; its JSON objects, exit code,
-    seconds, and its last line of output."""
-    command = [sys.executable, "-m", f"benchmarks.{name}"] + (["--n", str(getattr(args, SIZED[name]))] if name in SIZED else [])
+def run_one(name: str, n: int | None) -> tuple[list[dict], int, float, str]:
+    """Run one benchmark (with `--n n` when it takes a job size), echoing its output as it
+    comes; its JSON objects, exit code, seconds, and its last line of output."""
+    command = [sys.executable, "-m", f"benchmarks.{name}"] + (["--n", str(n)] if n is not None else [])
     print(f"\n### {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=bench_env())
@@ -86,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated benchmark names (default: all)")
     args = parser.parse_args(argv)
 
+    # The benchmarks that take a job size; the others run with their own defaults.
+    sizes = {"e2e": args.n, "scaling": args.scaling_n}
     names = discover()
     if args.only:
         wanted = [name.strip() for name in args.only.split(",")]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     closing, failed = [], []
     with open(results_path, "w") as out:
         for name in names:
-            objects, code, seconds, last = run_one(name, args)
+            objects, code, seconds, last = run_one(name, sizes.get(name))
             if code == NOT_HERE and not objects:
                 closing.append((name, f"skipped: {last[:100]}", seconds))
                 continue
