@@ -118,7 +118,7 @@ def test_job_with_model_on_s3(s3_model, make_spec, tmp_path):
     spec = make_spec(manifest, model={"path": uri}, media={"isolation": "none"})
 
     ray.shutdown()  # workers inherit the environment (credentials, endpoint, cache dir) at start
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         summary = run_job(spec)
     finally:

@@ -57,7 +57,7 @@ def fresh_ray():
 
 
 def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_model_path, monkeypatch):
-    fresh_ray.init(num_cpus=6, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    fresh_ray.init(address="local", num_cpus=6, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     # Start the pool's two actors before any work, so that both of them get some (else the
     # first one up may finish the few rows of a test before the second has loaded the model).
     monkeypatch.setattr(fresh_ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
@@ -79,7 +79,7 @@ def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_mode
 
 
 def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path, tiny_model_path):
-    fresh_ray.init(num_cpus=6, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    fresh_ray.init(address="local", num_cpus=6, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     # Enough work that one replica falls behind the CPU stage for longer than a new replica
     # takes to start (tens of seconds on a loaded 2-core machine: a fresh worker imports torch
     # and loads the model): larger images (more tiles), longer answers, many rows.

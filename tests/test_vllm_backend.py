@@ -141,7 +141,7 @@ def test_placement_group_per_replica_holds_its_tensor_parallel_workers():
     from pipeline.graph import Plan, replica_resources
 
     ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         plan = Plan(replicas=(2, 2), gpus_per_replica=2, cpus_per_replica=1.0, cpu_concurrency=1, rows_per_file=1,
                     shuffle_partitions=2, placement="placement_group")
