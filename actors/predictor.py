@@ -19,6 +19,7 @@ from actors.backends import Generation, make_backend
 from actors.constrained import parse_output
 from actors.inputs import ModelInputs
 from actors.loading import ResolvedModel
+from actors.logs import log_item_error
 from schemas.errors import ErrorCode
 from schemas.rows import INFERRED_SCHEMA
 from schemas.spec import ModelSpec
@@ -36,11 +37,14 @@ class _Item:
 
 
 class Predictor:
-    def __init__(self, resolved: ResolvedModel, model_spec: ModelSpec, task: Task):
+    def __init__(
+        self, resolved: ResolvedModel, model_spec: ModelSpec, task: Task, run_id: str | None = None, job: str | None = None
+    ):
         self.backend = make_backend(resolved, model_spec)
         self.task = task
         self.model_spec = model_spec
         self.replica = replica_identity()
+        self.run_id, self.job = run_id, job  # named on item_error log lines
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -76,7 +80,7 @@ class Predictor:
             generations = self._generate([item], self.task.sampling.max_new_tokens)
         except Exception as exc:
             code = ErrorCode.MODEL_OOM if _is_oom(exc) else ErrorCode.MODEL_ERROR
-            _fail(item.row, code, f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
+            self._fail(item.row, code, f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
             item.row["infer_ms"] = (time.perf_counter() - started) * 1000
             return
         self._finish([item], generations, started)
@@ -102,7 +106,7 @@ class Predictor:
             for item, generation in zip(retry, again):
                 item.row["reasks"] = 1
                 if generation is None:
-                    _fail(item.row, ErrorCode.MODEL_ERROR, f"re-ask failed: {reason}")
+                    self._fail(item.row, ErrorCode.MODEL_ERROR, f"re-ask failed: {reason}")
                 else:
                     self._accept(item, generation, last_try=True)
         elif retry:
@@ -124,10 +128,16 @@ class Predictor:
         except ValueError as exc:
             if last_try:
                 cut = " (cut at the token limit)" if not generation.finished else ""
-                _fail(row, ErrorCode.MODEL_INVALID_OUTPUT, f"model output {exc}{cut}")
+                self._fail(row, ErrorCode.MODEL_INVALID_OUTPUT, f"model output {exc}{cut}")
             return False
         row["output_json"] = parsed.output_json
         return True
+
+    def _fail(self, row: dict, code: ErrorCode, message: str) -> None:
+        row["error_code"] = code.value
+        row["error_message"] = message
+        row["output_json"] = None
+        log_item_error(self.run_id, self.job, row["id"], "infer", code.value, message)
 
 
 def replica_identity() -> dict:
@@ -167,12 +177,6 @@ def _defaults(row: dict) -> None:
     for name in ("raw_text", "output_json", "output_tokens", "truncated", "infer_ms", "replica"):
         row.setdefault(name, None)
     row.setdefault("reasks", 0)
-
-
-def _fail(row: dict, code: ErrorCode, message: str) -> None:
-    row["error_code"] = code.value
-    row["error_message"] = message
-    row["output_json"] = None
 
 
 def _generation_of(row: dict) -> Generation:

@@ -171,7 +171,7 @@ def _output_of(path_or_spec: str):
 @click.option("--status", type=click.Choice(["ok", "error"]), help="Only rows with this status.")
 @click.option("--code", "error_code", metavar="CODE", help="Only error rows with this code.")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv", "parquet"]), default="table", show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write here instead of standard output (required for parquet).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write here (a path, or s3://… with the spec's storage options) instead of standard output (required for parquet).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N rows (table format: 20 unless given).")
 @click.option("--sql", "show_sql", is_flag=True, help="Print the DuckDB query that reads the current table, and exit.")
 def results(output, status, error_code, fmt, out_path, limit, show_sql):
@@ -195,7 +195,7 @@ def results(output, status, error_code, fmt, out_path, limit, show_sql):
         table = table.slice(0, limit)
     from jobs.tables import write_table
 
-    write_table(table, fmt, out_path)
+    write_table(table, fmt, out_path, storage_spec)
 
 
 @main.command()

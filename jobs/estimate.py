@@ -198,6 +198,8 @@ def _size(uri: str, spec: JobSpec) -> int:
         return int(fs.info(path).get("size") or 0)
     except OSError:
         return 0  # missing: the prepared row says why
+    except ValueError:
+        return 0  # http(s): only the guarded fetch may send it a request
 
 
 @dataclass

@@ -1,73 +1,22 @@
-"""structlog set up once per process: JSON lines on stderr, one event per line.
+"""structlog set up once per process: JSON lines on stderr, one event per line, with the
+job's context (job, run_id, tick) on every line.
 
-Secret values never reach a log line: every string in an event is scanned for the values of
-credential-like environment variables (and of variables forwarded to a cluster with
-`--forward-env`) and each occurrence is replaced by `***`.
+The configuration itself (and the masking of secret values in every line) is
+`actors/logs.py`, shared with the Ray workers, which configure themselves with it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import sys
-
 import structlog
-import structlog.tracebacks
 
-MASK = "***"
-# Name parts that mark an environment variable as a credential (AWS_SECRET_ACCESS_KEY, HF_TOKEN…).
-_SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|KEY)(_|$)", re.IGNORECASE)
-# Shorter values are too likely to occur by chance in ordinary text to be masked usefully.
-_MIN_SECRET_LEN = 6
-_secrets: set[str] = set()
+from actors.logs import MASK, configure_json, mask_secrets, mask_values, secret_env_values
 
-
-def mask_values(values) -> None:
-    """Mask these values in every later log line of this process."""
-    _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
-
-
-def secret_env_values(environ=os.environ) -> list[str]:
-    return [value for name, value in environ.items() if _SECRET_NAME.search(name)]
-
-
-def _mask(value):
-    if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, MASK)
-        return value
-    if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_mask(v) for v in value]
-    return value
-
-
-def mask_secrets(_logger, _method, event_dict):
-    """structlog processor: replace every known secret value by `***`."""
-    return _mask(event_dict) if _secrets else event_dict
+__all__ = ["MASK", "configure_logging", "mask_secrets", "mask_values", "secret_env_values"]
 
 
 def configure_logging(level: str | None = None, **context) -> None:
     """JSON lines with a timestamp and level; `context` (job, run_id, tick…) on every line."""
-    level_name = (level or os.environ.get("TESSERA_LOG_LEVEL") or "INFO").upper()
-    mask_values(secret_env_values())
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # Tracebacks as data, without each frame's local variables (large, and they may hold secrets).
-            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
-            mask_secrets,
-            structlog.processors.JSONRenderer(default=str),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+    configure_json(level)
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})

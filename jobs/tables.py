@@ -1,30 +1,37 @@
-"""Arrow tables out to the terminal or a file, for `tessera results`."""
+"""Arrow tables out to the terminal or a file, for `tessera results`. A file goes through
+pipeline/storage.py, so `--out` may be a local path or any URI the storage layer writes
+(s3://, gs://, az://…)."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
 import click
 import pyarrow as pa
 
+from pipeline import storage
+from schemas.spec import StorageSpec
 
-def write_table(table: pa.Table, fmt: str, out_path: str | None) -> None:
+
+def write_table(table: pa.Table, fmt: str, out_path: str | None, storage_spec: StorageSpec | None = None) -> None:
     if fmt == "parquet":
         if not out_path:
             raise click.UsageError("--format parquet needs --out FILE")
         import pyarrow.parquet as pq
 
-        pq.write_table(table, out_path)
-        click.echo(f"wrote {table.num_rows} rows to {out_path}", err=True)
-        return
-    text = {"table": _as_table, "jsonl": _as_jsonl, "csv": _as_csv}[fmt](table)
-    if out_path:
-        with open(out_path, "w") as handle:
-            handle.write(text)
-        click.echo(f"wrote {table.num_rows} rows to {out_path}", err=True)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue()
     else:
-        sys.stdout.write(text)
+        text = {"table": _as_table, "jsonl": _as_jsonl, "csv": _as_csv}[fmt](table)
+        if not out_path:
+            sys.stdout.write(text)
+            return
+        data = text.encode()
+    storage.write_bytes(out_path, data, storage_spec)
+    click.echo(f"wrote {table.num_rows} rows to {storage.display_uri(out_path)}", err=True)
 
 
 def _as_jsonl(table: pa.Table) -> str:
@@ -32,8 +39,6 @@ def _as_jsonl(table: pa.Table) -> str:
 
 
 def _as_csv(table: pa.Table) -> str:
-    import io
-
     import pyarrow.csv as pacsv
 
     flat = table.select([n for n in table.column_names if not pa.types.is_nested(table.schema.field(n).type)])

@@ -110,7 +110,7 @@ def build_dataset(
     low, high = plan.replicas
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"resolved": model, "model_spec": spec.model, "task": task},
+        fn_constructor_kwargs={"resolved": model, "model_spec": spec.model, "task": task, "run_id": run_id, "job": spec.name},
         batch_size=spec.model.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(

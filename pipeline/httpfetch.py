@@ -7,7 +7,8 @@ to the address that was checked (no second lookup that DNS rebinding could chang
 redirect is a new request and goes through the same check. Private, loopback, link-local
 and other non-global destinations are refused unless `input.allow_private_http` is set.
 
-Only `storage.fetch` calls this; it owns the retries. One attempt here raises `ItemError`
+Only `storage` calls this (`fetch`, and `head` for resume's version check); it owns the
+retries. One attempt here raises `ItemError`
 (permanent) or `TransientHTTPError` (worth another attempt).
 """
 
@@ -34,12 +35,16 @@ class TransientHTTPError(OSError):
 
 
 def display_url(url: str) -> str:
-    """The URL without credentials or query string (signed URLs carry secrets there)."""
+    """The URL without credentials, query string or fragment (signed URLs carry their
+    secrets in the query: X-Amz-Signature, sig=, token=…); a dropped query shows as `?…`."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not host:port, so the authority may be a mangled password: show none of it
+        return f"{parts.scheme}://(invalid address)"
     if ":" in host:
         host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}" + ("?…" if parts.query else "")
 
 
@@ -98,11 +103,40 @@ def _pool(scheme: str, address: str, port: int, host: str, timeout_s: float) -> 
 def fetch(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool) -> tuple[bytes, str | None]:
     """GET one URL (following up to MAX_REDIRECTS checked redirects): (body, version)."""
     deadline = time.monotonic() + timeout_s
+    response, url = _request("GET", url, timeout_s, allow_private)
+    try:
+        _check_status(response.status, url)
+        data = _read_body(response, url, max_bytes, deadline, timeout_s)
+    except BaseException:
+        _discard(response)
+        raise
+    response.release_conn()  # fully read: the connection can serve the next row
+    return data, _version(response.headers)
+
+
+def head(url: str, *, timeout_s: float, allow_private: bool) -> str | None:
+    """The version `fetch` would report (ETag, or size and Last-Modified), from a HEAD with
+    the same address checks and redirects: what resume compares, without a download."""
+    response, url = _request("HEAD", url, timeout_s, allow_private)
+    try:
+        _check_status(response.status, url)
+    except BaseException:
+        _discard(response)
+        raise
+    response.release_conn()  # a HEAD answer has no body
+    return _version(response.headers)
+
+
+def _request(method: str, url: str, timeout_s: float, allow_private: bool):
+    """(response, final url): the first answer that is not a redirect, every hop checked."""
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ItemError(ErrorCode.FETCH_DENIED, f"refusing to follow a redirect to {display_url(url)}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # the message would quote the bad port, which may be part of a password
+            raise ItemError(ErrorCode.FETCH_ERROR, f"{display_url(url)} is not a valid URL") from None
         address = resolve(parts.hostname, port, allow_private)
         host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
         headers = {"Host": host_header, "User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
@@ -111,7 +145,7 @@ def fetch(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool) ->
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             response = _pool(parts.scheme, address, port, parts.hostname, timeout_s).urlopen(
-                "GET", target, headers=headers, redirect=False, preload_content=False,
+                method, target, headers=headers, redirect=False, preload_content=False,
                 assert_same_host=False, retries=False,
             )
         except urllib3.exceptions.TimeoutError:
@@ -124,14 +158,7 @@ def fetch(url: str, *, max_bytes: int, timeout_s: float, allow_private: bool) ->
             _discard(response)
             url = urljoin(url, response.headers["Location"])
             continue
-        try:
-            _check_status(response.status, url)
-            data = _read_body(response, url, max_bytes, deadline, timeout_s)
-        except BaseException:
-            _discard(response)
-            raise
-        response.release_conn()  # fully read: the connection can serve the next row
-        return data, _version(response.headers)
+        return response, url
     raise ItemError(ErrorCode.FETCH_ERROR, f"more than {MAX_REDIRECTS} redirects from {display_url(url)}")
 
 

@@ -22,6 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from actors.adapters import adapter_for
 from actors.loading import ResolvedModel, load_processor
+from actors.logs import log_item_error
 from pipeline import decode, storage
 from pipeline.decode import ModelMedia, Shaping
 from pipeline.isolation import IsolatedCaller
@@ -47,6 +48,7 @@ class Preparer:
 
     def __init__(self, ctx: PrepareContext):
         self.spec = ctx.spec
+        self.run_id = ctx.run_id
         # Only the processor's files: a CPU worker never downloads the weights.
         self.processor = load_processor(ctx.model.local_path(weights=False), ctx.model.trust_remote_code)
         self.adapter = adapter_for(ctx.model.model_type)
@@ -68,13 +70,20 @@ class Preparer:
         for name in PREPARED_SCHEMA.names:
             row.setdefault(name, None)
         row["manifest_id"] = row["id"]
+        if row["error_code"] == ErrorCode.MANIFEST_INVALID_ROW.value:
+            self._log_error(row, "read")  # the read stage has no run to name: its failures are logged here
         if row["error_code"] is not None:
             return [row]
         try:
             return self._prepare(row)
         except ItemError as exc:
-            row["error_code"], row["error_message"] = exc.code.value, exc.message
+            # Messages name objects by display uri; redact also catches a uri inside an exception's text.
+            row["error_code"], row["error_message"] = exc.code.value, storage.redact(exc.message)
+            self._log_error(row, "prepare")
             return [row]
+
+    def _log_error(self, row: dict, stage: str) -> None:
+        log_item_error(self.run_id, self.spec.name, row["id"], stage, row["error_code"], row["error_message"])
 
     def close(self) -> None:
         self.decoder.close()
@@ -107,9 +116,9 @@ class Preparer:
 
     def _unchanged(self, row: dict) -> bool:
         try:
-            versions = [storage.current_version(uri, self.spec.storage) or "" for uri in row["uris"]]
-        except OSError:
-            return False  # cannot tell: process it again (the fetch will name the problem)
+            versions = [storage.current_version(uri, self.spec.storage, self.fetch_policy) or "" for uri in row["uris"]]
+        except (OSError, ItemError):
+            return False  # cannot tell, or may not ask: process it again (the fetch will name the problem)
         return "|".join(versions) == row["resume_version"]
 
     def _fill(self, row: dict, items: list[ModelMedia], decode_ms: float) -> None:
@@ -176,7 +185,7 @@ class MediaDecoder:
                 timeout_s=self.media.decode_timeout_s, what="this item",
             )
         except ItemError as exc:
-            raise ItemError(exc.code, f"{uri}: {exc.message}") from None
+            raise ItemError(exc.code, f"{storage.display_uri(uri)}: {exc.message}") from None
 
     def close(self) -> None:
         if self.isolated is not None:

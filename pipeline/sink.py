@@ -95,13 +95,16 @@ def to_result_table(rows: list[dict], ctx: SinkContext) -> pa.Table:
 def _result_row(row: dict, ctx: SinkContext, output_type, now: datetime) -> dict:
     failed = row.get("error_code") is not None
     output_json = None if failed else row.get("output_json")
+    uri = (row.get("uris") or [None])[0]
+    message = row.get("error_message")
     output = None
     if output_json is not None and output_type is not None:
         output = to_arrow_value(json.loads(output_json), output_type)
     return {
         "id": row["id"],
         "manifest_id": row.get("manifest_id") or row["id"],
-        "uri": (row.get("uris") or [None])[0],
+        # Results are shared more widely than manifests: no user info or signed query strings.
+        "uri": storage.display_uri(uri) if uri else None,
         "media_type": row.get("media_type"),
         "status": STATUS_ERROR if failed else STATUS_OK,
         "output": output,
@@ -109,7 +112,7 @@ def _result_row(row: dict, ctx: SinkContext, output_type, now: datetime) -> dict
         "raw_text": row.get("raw_text"),
         "metadata": _metadata(row.get("fields_json"), ctx.spec),
         "error_code": row.get("error_code"),
-        "error_message": row.get("error_message"),
+        "error_message": storage.redact(message) if message else None,
         "model": ctx.model_uri,
         "model_revision": ctx.model_revision,
         "prompt_sha256": ctx.prompt_sha256,

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 import s3fs
@@ -94,15 +95,23 @@ def resolve_relative(uri: str, manifest_uri: str) -> str:
 
 
 def display_uri(uri: str) -> str:
-    """A uri safe to show: no user info, no query string (signed URLs carry secrets there)."""
+    """A uri safe to show, in the `uri` column, messages and logs: no user info and no query
+    string on any remote scheme (signed URLs and SAS tokens keep their secrets there); a
+    dropped query shows as `?…`. Local paths are shown as they are."""
     if scheme(uri) in _HTTP:
         return httpfetch.display_url(uri)
-    return _URL_USERINFO.sub("", uri) if is_remote(uri) else uri
+    if not is_remote(uri):
+        return uri
+    # No fragments: `#` is an ordinary character in object keys.
+    parts = urlsplit(uri, allow_fragments=False)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 _SECRET_ENV = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|CREDENTIALS?|KEY|SAS|CONNECTION_STRING)(_|$)", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_URL_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+# Up to the last `@` before the path: a password may itself hold an `@`.
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+_URL_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?\"']+)\?[^\s\"']*")
 
 
 def redact(text: str) -> str:
@@ -172,6 +181,9 @@ def storage_options(protocol: str, storage: StorageSpec, library_retries: int = 
 
 @functools.lru_cache(maxsize=16)
 def _filesystem(protocol: str, options_json: str, _env: str) -> fsspec.AbstractFileSystem:
+    if protocol in _HTTP:
+        # fsspec's HTTP client has no SSRF guard: http(s) is read only through httpfetch.
+        raise ValueError(f"{protocol}:// is only read as media (input.allow_http), not as a manifest, result or model location")
     options = json.loads(options_json)
     if protocol in _S3:
         return _S3FileSystem(skip_instance_cache=True, **options)
@@ -414,8 +426,7 @@ def fetch(uri: str, storage: StorageSpec, policy: FetchPolicy) -> Fetched:
     `policy.retries` times. Every failure is an ItemError with a fetch code."""
     shown = display_uri(uri)
     if scheme(uri) in _HTTP:
-        if not policy.allow_http:
-            raise ItemError(ErrorCode.FETCH_DENIED, f"{shown}: http(s) media is off; set input.allow_http: true to fetch it")
+        _check_http_allowed(uri, policy)
         op = functools.partial(
             httpfetch.fetch, uri, max_bytes=policy.max_bytes, timeout_s=policy.timeout_s,
             allow_private=policy.allow_private_http,
@@ -445,9 +456,20 @@ def fetch(uri: str, storage: StorageSpec, policy: FetchPolicy) -> Fetched:
     return Fetched(data=data, version=version)
 
 
-def current_version(uri: str, storage: StorageSpec | None = None) -> str | None:
+def _check_http_allowed(uri: str, policy: FetchPolicy) -> None:
+    if not policy.allow_http:
+        raise ItemError(ErrorCode.FETCH_DENIED, f"{display_uri(uri)}: http(s) media is off; set input.allow_http: true to fetch it")
+
+
+def current_version(uri: str, storage: StorageSpec | None = None, policy: FetchPolicy | None = None) -> str | None:
     """The object's version now (one metadata request, no download): what resume compares
-    with the version committed earlier."""
+    with the version committed earlier. http(s) is asked with a HEAD through httpfetch's
+    guard, under `policy` like a fetch; a refused one raises ItemError."""
+    if scheme(uri) in _HTTP:
+        policy = policy or FetchPolicy()
+        _check_http_allowed(uri, policy)
+        op = functools.partial(httpfetch.head, uri, timeout_s=policy.timeout_s, allow_private=policy.allow_private_http)
+        return with_retries(op, RetryPolicy(retries=policy.retries))
     fs, path = filesystem(uri, storage)
     return object_version(_io("stat", uri, storage, lambda: fs.info(path)))
 

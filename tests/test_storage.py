@@ -86,6 +86,22 @@ def test_shown_uris_and_messages_carry_no_credentials(monkeypatch):
     assert "pw" not in text and "sig=1" not in text and "very-secret-value" not in text
 
 
+def test_shown_uris_drop_user_info_and_query_on_every_scheme():
+    """What lands in the `uri` column, messages and logs: the path stays, secrets do not."""
+    shown = {
+        "https://u:p@ss@host:8443/x.jpg?sig=s3cr3t#frag": "https://host:8443/x.jpg?…",
+        "http://user:hunter2@host:bad/x.jpg": "http://(invalid address)",
+        "s3://key:secret@bucket/a#b.jpg?versionId=1": "s3://bucket/a#b.jpg?…",
+        "az://container/blob.jpg?sv=2024&sig=s3cr3t": "az://container/blob.jpg?…",
+        "s3://bucket/plain.jpg": "s3://bucket/plain.jpg",
+        "/data/local?name.jpg": "/data/local?name.jpg",
+    }
+    for uri, expected in shown.items():
+        assert storage.display_uri(uri) == expected
+    text = storage.redact("at https://u:p@ss@h/x?X-Amz-Signature=s3cr3t and az://c/b?sig=s3cr3t")
+    assert "p@ss" not in text and "s3cr3t" not in text and "https://h/x?…" in text
+
+
 def test_credentials_in_a_spec_are_refused():
     base = {"name": "j", "input": {"manifest": "m.jsonl"}, "output": {"path": "o"}, "task": {"preset": "caption"}}
     for storage_section in (
@@ -307,6 +323,18 @@ def test_parquet_through_the_arrow_filesystem(s3, spec_storage):
     assert storage.arrow_filesystem("/tmp/x", spec_storage) is None
 
 
+def test_results_out_writes_to_object_storage(s3, spec_storage):
+    """`tessera results --out s3://…` goes through the storage layer, like every other write."""
+    from jobs.tables import write_table
+
+    table = pa.table({"id": ["a", "b"], "status": ["ok", "error"]})
+    write_table(table, "parquet", f"s3://{PRIVATE}/exports/results.parquet", spec_storage)
+    write_table(table, "jsonl", f"s3://{PRIVATE}/exports/results.jsonl", spec_storage)
+    fs = s3.filesystem()
+    assert pq.read_table(io.BytesIO(fs.cat(f"{PRIVATE}/exports/results.parquet"))).equals(table)
+    assert [json.loads(line)["id"] for line in fs.cat(f"{PRIVATE}/exports/results.jsonl").splitlines()] == ["a", "b"]
+
+
 # --- retry policy -------------------------------------------------------------------------------
 
 
@@ -347,11 +375,16 @@ def test_with_retries_stops_on_permanent_failures():
 
 class _Handler(BaseHTTPRequestHandler):
     flaky_left = 0
+    seen: list[tuple[str, str]] = []  # (method, path) of every request served
 
     def log_message(self, *args):
         pass
 
+    def do_HEAD(self):
+        self.do_GET()
+
     def do_GET(self):
+        type(self).seen.append((self.command, self.path))
         port = self.server.server_address[1]
         routes = {
             "/ok.jpg": lambda: self._send(200, b"http bytes", {"ETag": '"v1"'}),
@@ -373,7 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _chunked(self):
         self.send_response(200)
@@ -452,6 +486,28 @@ def test_http_status_size_and_retries(http_server):
     error = fetch_error(f"{http_server}/flaky.jpg?X-Amz-Signature=s3cr3t", StorageSpec(), LOCAL_HTTP)
     assert error.code is ErrorCode.FETCH_ERROR and "s3cr3t" not in error.message
     _Handler.flaky_left = 0
+
+
+def test_http_versions_are_asked_through_the_guard(http_server, monkeypatch):
+    """Resume's version check of an http(s) row is a HEAD with the fetch's checks; fsspec's
+    HTTP client (no address check, its own redirects) is not reachable at all."""
+    url = f"{http_server}/ok.jpg"
+    for make in (storage.filesystem, storage.arrow_filesystem):
+        with pytest.raises(ValueError, match="only read as media"):
+            make(url)
+    _Handler.seen.clear()
+    for policy in (FetchPolicy(), FetchPolicy(allow_http=True)):  # http off; then a loopback address
+        with pytest.raises(ItemError) as caught:
+            storage.current_version(url, StorageSpec(), policy)
+        assert caught.value.code is ErrorCode.FETCH_DENIED
+    assert _Handler.seen == []  # refused before any request
+    assert storage.current_version(url, StorageSpec(), LOCAL_HTTP) == "etag:v1"
+    assert storage.current_version(f"{http_server}/redirect.jpg", StorageSpec(), LOCAL_HTTP) == "etag:v1"
+    assert _Handler.seen == [("HEAD", "/ok.jpg"), ("HEAD", "/redirect.jpg"), ("HEAD", "/ok.jpg")]
+    monkeypatch.setattr(httpfetch, "address_allowed", lambda address, allow_private: address == "127.0.0.1")
+    with pytest.raises(ItemError) as caught:
+        storage.current_version(f"{http_server}/redirect-other.jpg", StorageSpec(), FetchPolicy(allow_http=True))
+    assert caught.value.code is ErrorCode.FETCH_DENIED
 
 
 def test_manifests_in_every_format_read_from_s3(s3, spec_storage):
