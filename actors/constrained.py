@@ -63,13 +63,29 @@ def parse_output(raw_text: str, task: Task) -> Parsed:
         except ValidationError as exc:
             raise ValueError(f"does not match the output schema: {_first_error(exc)}") from None
     elif task.json_schema is not None:
-        import jsonschema
-
-        errors = sorted(jsonschema.Draft202012Validator(task.json_schema).iter_errors(value), key=str)
+        errors = sorted(_validator(task.json_schema).iter_errors(value), key=str)
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
             raise ValueError(f"does not match the output schema at {where}: {errors[0].message}")
     return Parsed(value=value, output_json=json.dumps(value, ensure_ascii=False))
+
+
+# Validators by the id of their schema: a task's schema lives as long as its actor, and
+# building a validator per row costs more than validating. The entry holds the schema, so
+# its id is not reused while cached; a process that makes many tasks starts over at the cap.
+_VALIDATORS: dict[int, tuple[dict, Any]] = {}
+_MAX_VALIDATORS = 32
+
+
+def _validator(schema: dict):
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None:
+        import jsonschema
+
+        if len(_VALIDATORS) >= _MAX_VALIDATORS:
+            _VALIDATORS.clear()
+        cached = _VALIDATORS[id(schema)] = (schema, jsonschema.Draft202012Validator(schema))
+    return cached[1]
 
 
 def _first_error(exc) -> str:

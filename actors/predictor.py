@@ -3,8 +3,11 @@
 For each block of PreparedRows: error rows pass through untouched; the rest are grouped into
 batches by token budget (visual + text tokens + the generation budget), generated, parsed and
 validated against the task's schema. An invalid answer (e.g. cut at `max_new_tokens`) is
-re-asked once with a larger budget, then becomes `model.invalid_output` with its raw text
-kept. A batch that raises is retried item by item, so one bad item never fails its batch.
+re-asked once with a larger budget (batched by the token budget at that size), then becomes
+`model.invalid_output` with its raw text kept. A batch that raises, first pass or re-ask, is
+retried item by item (after an OOM, with the CUDA cache emptied first), so one bad item never
+fails its batch: it alone becomes `model.oom` or `model.error`, as does a row whose inputs do
+not load.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from schemas.spec import ModelSpec
 from schemas.tasks import Task
 
 
+# The switch of pipeline/decode.py's test hooks too; production never sets it.
+TEST_HOOKS_ENV = "TESSERA_TEST_HOOKS"
+TEST_FAULT_PREFIX = "tessera-test-fault-"
+
+
 @dataclass
 class _Item:
     row: dict
@@ -34,6 +42,19 @@ class _Item:
     @property
     def cost(self) -> int:
         return len(self.inputs.input_ids)
+
+
+@dataclass
+class _Failed:
+    """Why the model raised for an item, as text: the exception's frames hold tensors."""
+
+    code: ErrorCode
+    reason: str
+
+    @staticmethod
+    def of(exc: Exception) -> "_Failed":
+        code = ErrorCode.MODEL_OOM if _is_oom(exc) else ErrorCode.MODEL_ERROR
+        return _Failed(code, f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 class Predictor:
@@ -52,75 +73,83 @@ class Predictor:
         for row in rows:
             blob = row.pop("model_inputs", None)
             _defaults(row)
-            if row["error_code"] is None:
-                items.append(_Item(row, ModelInputs.from_bytes(blob)))
-        if getattr(self.backend, "schedules_itself", False):
-            chunks = [items] if items else []  # e.g. vLLM: it batches and schedules by itself
-        else:
-            chunks = token_budget_chunks(items, self.model_spec, self.task.sampling.max_new_tokens)
-        for chunk in chunks:
-            self._run_chunk(chunk)
+            if row["error_code"] is None and (item := self._item_of(row, blob)) is not None:
+                items.append(item)
+        max_new_tokens = self.task.sampling.max_new_tokens
+        for chunk in self._chunks(items, max_new_tokens):
+            started = time.perf_counter()
+            self._finish(chunk, self._generate_isolated(chunk, max_new_tokens), started)
         for item in items:
             item.row["replica"] = self.replica
         return pa.Table.from_pylist(rows, schema=INFERRED_SCHEMA)
 
-    def _run_chunk(self, chunk: list[_Item]) -> None:
-        started = time.perf_counter()
+    def _item_of(self, row: dict, blob: bytes | None) -> _Item | None:
+        """The row's model inputs; a blob that does not load fails its own row, not the block."""
         try:
-            generations = self._generate(chunk, self.task.sampling.max_new_tokens)
-        except Exception:  # isolate: the batch failed, find the item(s) that did it
-            for item in chunk:
-                self._run_alone(item)
-            return
-        self._finish(chunk, generations, started)
-
-    def _run_alone(self, item: _Item) -> None:
-        started = time.perf_counter()
-        try:
-            generations = self._generate([item], self.task.sampling.max_new_tokens)
+            return _Item(row, ModelInputs.from_bytes(blob))
         except Exception as exc:
-            code = ErrorCode.MODEL_OOM if _is_oom(exc) else ErrorCode.MODEL_ERROR
-            self._fail(item.row, code, f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
-            item.row["infer_ms"] = (time.perf_counter() - started) * 1000
-            return
-        self._finish([item], generations, started)
+            self._fail(row, ErrorCode.MODEL_ERROR, f"model inputs unreadable: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+
+    def _chunks(self, items: list[_Item], max_new_tokens: int) -> list[list[_Item]]:
+        if getattr(self.backend, "schedules_itself", False):
+            return [items] if items else []  # e.g. vLLM: it batches and schedules by itself
+        return token_budget_chunks(items, self.model_spec, max_new_tokens)
+
+    def _generate_isolated(self, chunk: list[_Item], max_new_tokens: int) -> list[Generation | _Failed]:
+        """One result per item. A batch that raises is retried item by item, so only the items
+        that make the model fail on their own come back as _Failed."""
+        try:
+            return self._generate(chunk, max_new_tokens)
+        except Exception as exc:
+            failed = _Failed.of(exc)
+        if len(chunk) == 1:
+            return [failed]
+        if failed.code is ErrorCode.MODEL_OOM:
+            # Only out here: the exception's frames held the batch's tensors until the block ended.
+            _release_cached_memory()
+        return [result for item in chunk for result in self._generate_isolated([item], max_new_tokens)]
 
     def _generate(self, chunk: list[_Item], max_new_tokens: int) -> list[Generation]:
+        _run_test_hook(chunk, reask=max_new_tokens > self.task.sampling.max_new_tokens)
         return self.backend.generate(
             [item.inputs for item in chunk], self.task.sampling, max_new_tokens, self.task.json_schema
         )
 
-    def _finish(self, chunk: list[_Item], generations: list[Generation], started: float) -> None:
+    def _finish(self, chunk: list[_Item], results: list[Generation | _Failed], started: float) -> None:
         retry = []
-        for item, generation in zip(chunk, generations):
-            if not self._accept(item, generation):
+        for item, result in zip(chunk, results):
+            if isinstance(result, _Failed):
+                self._fail(item.row, result.code, f"generation failed: {result.reason}")
+            elif not self._accept(item, result):
                 retry.append(item)
         sampling = self.task.sampling
         if retry and sampling.reask:
-            budget = int(sampling.max_new_tokens * sampling.reask_factor)
-            try:
-                again = self._generate(retry, budget)
-            except Exception as exc:
-                again = [None] * len(retry)
-                reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-            for item, generation in zip(retry, again):
-                item.row["reasks"] = 1
-                if generation is None:
-                    self._fail(item.row, ErrorCode.MODEL_ERROR, f"re-ask failed: {reason}")
-                else:
-                    self._accept(item, generation, last_try=True)
-        elif retry:
+            self._reask(retry, int(sampling.max_new_tokens * sampling.reask_factor))
+        else:
             for item in retry:
                 self._accept(item, _generation_of(item.row), last_try=True)
         elapsed = (time.perf_counter() - started) * 1000
         for item in chunk:
             item.row["infer_ms"] = elapsed
 
+    def _reask(self, items: list[_Item], budget: int) -> None:
+        """Once more with a larger budget, in batches that fit max_batch_tokens at that budget."""
+        for chunk in self._chunks(items, budget):
+            for item, result in zip(chunk, self._generate_isolated(chunk, budget)):
+                item.row["reasks"] = 1
+                if isinstance(result, _Failed):
+                    self._fail(item.row, result.code, f"re-ask failed: {result.reason}")
+                else:
+                    self._accept(item, result, last_try=True)
+
     def _accept(self, item: _Item, generation: Generation, last_try: bool = False) -> bool:
         row = item.row
         row["raw_text"] = generation.text
         row["output_tokens"] = generation.output_tokens
         row["truncated"] = not generation.finished
+        if row["first_truncated"] is None:  # what the summary counts, even when a re-ask fixed it
+            row["first_truncated"] = row["truncated"]
         if not self.task.structured:
             return True
         try:
@@ -174,7 +203,7 @@ def token_budget_chunks(items: list[_Item], spec: ModelSpec, max_new_tokens: int
 
 
 def _defaults(row: dict) -> None:
-    for name in ("raw_text", "output_json", "output_tokens", "truncated", "infer_ms", "replica"):
+    for name in ("raw_text", "output_json", "output_tokens", "truncated", "first_truncated", "infer_ms", "replica"):
         row.setdefault(name, None)
     row.setdefault("reasks", 0)
 
@@ -185,3 +214,29 @@ def _generation_of(row: dict) -> Generation:
 
 def _is_oom(exc: Exception) -> bool:
     return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _release_cached_memory() -> None:
+    """After an OOM, give the allocator's cached blocks back before the items go one by one."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_test_hook(chunk: list[_Item], reask: bool) -> None:
+    """TEST-ONLY: lets tests make the model really raise for one item of a batch, to prove
+    per-item isolation. Inert unless the environment has TESSERA_TEST_HOOKS=1 *and* a row id
+    in the batch starts with `tessera-test-fault-<action>`: `oom` raises torch's
+    OutOfMemoryError, `error` a RuntimeError, `reask` a RuntimeError on the re-ask only."""
+    if os.environ.get(TEST_HOOKS_ENV) != "1":
+        return
+    for item in chunk:
+        row_id = item.row["id"]
+        action = row_id[len(TEST_FAULT_PREFIX) :].split("-", 1)[0] if row_id.startswith(TEST_FAULT_PREFIX) else None
+        if action == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test hook: {row_id})")
+        if action == "error" or (action == "reask" and reask):
+            raise RuntimeError(f"test hook: {row_id}")

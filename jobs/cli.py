@@ -7,6 +7,7 @@ spec or arguments, 1 when the job failed or the rows-in = rows-out invariant did
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -14,16 +15,23 @@ import yaml
 
 from jobs.logs import configure_logging
 from schemas.errors import ErrorCode
-from schemas.spec import SpecError, load_spec
+from schemas.spec import load_spec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _load(spec_path: str, overrides: tuple[str, ...]):
+def _load(spec_path: str, overrides: tuple[str, ...], task: bool = True):
+    """The resolved spec; with `task`, its task resolved too, so that a bad output schema is a
+    usage error now and not a failed job later. A schema module may sit next to the spec."""
+    from schemas.tasks import resolve_task
+
     try:
-        return load_spec(spec_path, list(overrides)).resolved()
-    except SpecError as exc:
+        spec = load_spec(spec_path, list(overrides)).resolved()
+        if task:
+            resolve_task(spec.task, search_dirs=[os.path.dirname(os.path.abspath(spec_path))])
+        return spec
+    except ValueError as exc:  # a SpecError, or what is wrong with the output schema
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
 
@@ -159,7 +167,7 @@ def redrive(spec_path, overrides, codes, ray_address):
 def _output_of(path_or_spec: str):
     """An output path, or a spec (its output.path and storage options)."""
     if path_or_spec.endswith((".yaml", ".yml")):
-        spec = _load(path_or_spec, ())
+        spec = _load(path_or_spec, (), task=False)  # reading results needs no schema module
         return spec.output.path, spec.storage
     from schemas.spec import StorageSpec
 
@@ -224,13 +232,6 @@ def compact(output, target_file_mb, staging_older_than_hours):
 def validate(spec_path, overrides):
     """Check SPEC.yaml and print it with every default filled in."""
     spec = _load(spec_path, overrides)
-    from schemas.tasks import resolve_task
-
-    try:
-        resolve_task(spec.task)
-    except ValueError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
     click.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), nl=False)
     click.echo(f"# {spec_path}: valid", err=True)
 

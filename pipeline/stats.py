@@ -81,7 +81,7 @@ class BatchStats:
     output_tokens: int = 0
     pixel_bytes: int = 0
     reasks: int = 0
-    truncated: int = 0
+    truncated: int = 0  # rows whose first answer was cut at the token limit
     latency: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in STAGES})
     skipped: int = 0  # committed by an earlier run (resume): not processed, not written
     duplicates: int = 0
@@ -104,7 +104,7 @@ class BatchStats:
         self.output_tokens += row.get("output_tokens") or 0
         self.pixel_bytes += row.get("pixel_bytes") or 0
         self.reasks += row.get("reasks") or 0
-        self.truncated += 1 if row.get("truncated") else 0
+        self.truncated += 1 if row.get("first_truncated") else 0
         for stage in STAGES:
             self.latency[stage].add(row.get(stage))
         replica = row.get("replica")

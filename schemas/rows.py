@@ -64,6 +64,9 @@ INFERRED_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int32()),
         pa.field("reasks", pa.int32()),
         pa.field("truncated", pa.bool_()),
+        # Whether the first answer was cut at the token limit, even if a re-ask fixed it: the
+        # run summary's count. Not written to the results.
+        pa.field("first_truncated", pa.bool_()),
         pa.field("infer_ms", pa.float64()),
         # Which model replica generated the row (null for rows that reached no model): the
         # run summary's placement report. Not written to the results.

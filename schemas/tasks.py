@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.errors import PydanticUserError
 
 from schemas.presets import PRESET_PROMPTS, PRESET_SCHEMAS
 from schemas.spec import SamplingSpec, TaskSpec
@@ -50,7 +54,8 @@ class Task:
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def resolve_task(spec: TaskSpec) -> Task:
+def resolve_task(spec: TaskSpec, search_dirs: Sequence[str] = ()) -> Task:
+    """`search_dirs`: where else a `module:Model` schema may live (the spec's folder)."""
     if spec.preset:
         model = PRESET_SCHEMAS[spec.preset]
         return Task(
@@ -61,7 +66,7 @@ def resolve_task(spec: TaskSpec) -> Task:
             output_model=model,
             sampling=spec.sampling,
         )
-    model, schema = load_output_schema(spec.output_schema) if spec.output_schema else (None, None)
+    model, schema = load_output_schema(spec.output_schema, search_dirs) if spec.output_schema else (None, None)
     return Task(
         name="custom",
         prompt_template=spec.prompt or "",
@@ -72,8 +77,9 @@ def resolve_task(spec: TaskSpec) -> Task:
     )
 
 
-def load_output_schema(ref: str) -> tuple[type[BaseModel] | None, dict[str, Any]]:
-    """`package.module:Model` (a pydantic model) or a JSON Schema file -> (model or None, JSON Schema)."""
+def load_output_schema(ref: str, search_dirs: Sequence[str] = ()) -> tuple[type[BaseModel] | None, dict[str, Any]]:
+    """`package.module:Model` (a pydantic model) or a JSON Schema file -> (model or None, JSON Schema).
+    The module is looked for on sys.path, then in the current directory and `search_dirs`."""
     if ref.endswith(".json") or Path(ref).is_file():
         try:
             schema = json.loads(Path(ref).read_text())
@@ -81,19 +87,51 @@ def load_output_schema(ref: str) -> tuple[type[BaseModel] | None, dict[str, Any]
             raise ValueError(f"task.output_schema {ref}: cannot read a JSON Schema ({exc})") from None
         if not isinstance(schema, dict):
             raise ValueError(f"task.output_schema {ref}: a JSON Schema must be an object")
+        _check_json_schema(ref, schema)
         return None, schema
     module_name, sep, attr = ref.partition(":")
     if not sep:
         raise ValueError(f"task.output_schema {ref!r}: expected 'module:PydanticModel' or a .json file")
     try:
-        module = importlib.import_module(module_name)
-        model = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
+        module = _import_module(module_name, search_dirs)
+    except ImportError as exc:
         raise ValueError(f"task.output_schema {ref!r}: {exc}") from None
+    except Exception as exc:  # the module's own code raised: still the spec's problem, not a crash
+        raise ValueError(f"task.output_schema {ref!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    model = getattr(module, attr, None)
+    if model is None:
+        raise ValueError(f"task.output_schema {ref!r}: module {module_name!r} has no attribute {attr!r}")
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise ValueError(f"task.output_schema {ref!r} is not a pydantic model")
+    try:
+        schema = model.model_json_schema()
+    except PydanticUserError as exc:  # e.g. a field type with no JSON Schema
+        raise ValueError(f"task.output_schema {ref!r}: no JSON Schema for it: {exc.message}") from None
     _ship_by_value(module)
-    return model, model.model_json_schema()
+    return model, schema
+
+
+def _check_json_schema(ref: str, schema: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise ValueError(f"task.output_schema {ref}: not a valid JSON Schema at {where}: {exc.message}") from None
+
+
+def _import_module(name: str, search_dirs: Sequence[str]):
+    """The `tessera` console script has neither the current directory nor the spec's folder on
+    sys.path, where a user's schema module usually lives: add them for this import only. Later
+    imports of the same name find it in sys.modules."""
+    extra = [d for d in dict.fromkeys([os.getcwd(), *map(os.path.abspath, search_dirs)]) if d not in sys.path]
+    sys.path.extend(extra)  # after what is installed: a user's file never shadows a package
+    try:
+        return importlib.import_module(name)
+    finally:
+        for directory in extra:
+            sys.path.remove(directory)
 
 
 def _ship_by_value(module) -> None:

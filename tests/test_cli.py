@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,62 @@ def test_run_prints_summary_and_results_reads_it_back(tmp_path, sample_corpus):
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
     assert "row_number()" in tessera("results", str(tmp_path / "out"), "--sql").stdout
+
+
+# --- a user's own output schema, and a bad one ---------------------------------------------
+
+# The console script, not `python -m`: it puts neither the working directory nor the spec's
+# folder on sys.path, which is where a user's schema module lives.
+TESSERA = Path(sys.executable).parent / "tessera"
+SHOP_SCHEMA = '''
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Listing(BaseModel):
+    category: Literal["clothing", "electronics", "other"]
+    colour: str = Field(max_length=12)
+    in_stock: bool
+'''
+
+
+def console(*args, cwd):
+    return subprocess.run([str(TESSERA), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_schema_module_in_the_working_directory(tmp_path):
+    (tmp_path / "shop_schema.py").write_text(SHOP_SCHEMA)
+    result = console("schema", "shop_schema:Listing", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["properties"]["category"]["enum"] == ["clothing", "electronics", "other"]
+
+
+def test_bad_output_schema_exits_2_with_a_one_line_error(tmp_path, sample_corpus):
+    not_a_schema = tmp_path / "not-a-schema.json"
+    not_a_schema.write_text('{"type": "nope"}')
+    cases = [("no_such_module:Model", "No module named 'no_such_module'"), (str(not_a_schema), "not a valid JSON Schema")]
+    for ref, message in cases:
+        spec = write_spec(tmp_path, sample_corpus, task={"prompt": "What is it?", "output_schema": ref})
+        for args in (("run", spec), ("run", spec, "--dry-run"), ("validate", spec)):
+            result = tessera(*map(str, args))
+            assert result.returncode == 2, (args, result.stderr[-2000:])
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: task.output_schema") and message in lines[0], lines
+
+
+@pytest.mark.slow
+def test_run_with_a_schema_module_next_to_the_spec(tmp_path, sample_corpus):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "shop_schema.py").write_text(SHOP_SCHEMA)
+    spec = write_spec(job, sample_corpus, task={"prompt": "Describe it.", "output_schema": "shop_schema:Listing"})
+    # From elsewhere: the spec's folder is looked in; the Ray workers get the module's code with the task.
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run([str(TESSERA), "run", str(spec), "--limit", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = console("results", job / "out", "--format", "jsonl", cwd=tmp_path)
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(rows) == 3 and ok and not [row for row in rows if (row["error_code"] or "").startswith("model.")], rows
+    assert all(json.loads(row["output_json"])["category"] in ("clothing", "electronics", "other") for row in ok)

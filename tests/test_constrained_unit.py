@@ -10,8 +10,8 @@ import pytest
 from actors.constrained import parse_output, unbounded_paths
 from schemas.arrow_types import JSON_STRING, arrow_type, to_arrow_value
 from schemas.presets import PRESET_SCHEMAS
-from schemas.spec import TaskSpec
-from schemas.tasks import resolve_task
+from schemas.spec import SamplingSpec, TaskSpec
+from schemas.tasks import Task, resolve_task
 
 
 def test_presets_are_fully_bounded():
@@ -79,3 +79,14 @@ def test_parse_output_is_lenient_on_control_characters_and_strict_on_schema():
         parse_output('{"short_caption": "cut', task)
     with pytest.raises(ValueError, match="does not match"):
         parse_output('{"short_caption": "x"}', task)
+
+
+def test_a_json_schema_validator_is_built_once_per_schema():
+    from actors.constrained import _validator
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    task = Task(name="custom", prompt_template="", system_prompt=None, json_schema=schema, output_model=None, sampling=SamplingSpec())
+    assert _validator(schema) is _validator(schema)
+    assert json.loads(parse_output('{"n": 3}', task).output_json) == {"n": 3}
+    with pytest.raises(ValueError, match="at n"):
+        parse_output('{"n": 30}', task)

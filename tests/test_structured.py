@@ -4,6 +4,7 @@ with a random-weight model; typed `output` columns DuckDB can query; re-ask and 
 from __future__ import annotations
 
 import json
+import sys
 
 import duckdb
 import jsonschema
@@ -147,3 +148,14 @@ def test_load_output_schema_errors(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="must be an object"):
         load_output_schema(str(bad))
+
+
+def test_load_output_schema_looks_in_the_given_folders(tmp_path):
+    (tmp_path / "beside_the_spec.py").write_text(
+        "from pydantic import BaseModel, Field\n\nclass Tag(BaseModel):\n    tag: str = Field(max_length=8)\n"
+    )
+    with pytest.raises(ValueError, match="No module named"):
+        load_output_schema("beside_the_spec:Tag")
+    model, schema = load_output_schema("beside_the_spec:Tag", search_dirs=[str(tmp_path)])
+    assert model.__name__ == "Tag" and schema["properties"]["tag"]["maxLength"] == 8
+    assert str(tmp_path) not in sys.path  # only for that import
