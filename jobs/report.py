@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from jobs import charts
+from jobs.summary import duplicate_ids
 from pipeline import storage
 from pipeline.run import summary_uri
 from schemas.spec import StorageSpec
@@ -130,7 +131,7 @@ def _header(summary: dict) -> str:
         f"Invariant holds: {invariant.get('rows_in', 0):,} rows in = {invariant.get('rows_out', 0):,} rows out, each id once"
         if holds
         else f"Invariant BROKEN: {invariant.get('rows_in', 0):,} rows in, {invariant.get('rows_out', 0):,} rows out, "
-        f"{invariant.get('ids_written_twice', 0):,} ids written twice"
+        f"{invariant.get('missing', 0):,} ids without a row, {invariant.get('ids_written_twice', 0):,} ids written twice"
     )
     model = summary.get("model") or {}
     return (
@@ -181,7 +182,7 @@ def _details(summary: dict) -> str:
     model = summary.get("model") or {}
     plan = summary.get("plan") or {}
     output = summary.get("output") or {}
-    duplicates = summary.get("duplicates") or {}
+    duplicates = duplicate_ids(summary)
     latency = summary.get("latency_ms") or {}
     rows = [
         ("Started", _when(summary.get("started_at"))),
@@ -194,7 +195,7 @@ def _details(summary: dict) -> str:
         ("Latency p50 / p95", "; ".join(
             f"{charts.STAGE_LABELS.get(stage, stage)} {_ms(q.get('p50'))} / {_ms(q.get('p95'))}" for stage, q in latency.items()
         )),  # fmt: skip
-        ("Duplicate ids", f"{duplicates.get('count', 0):,}" + _examples(duplicates.get("examples") or [])),
+        ("Duplicate ids", f"{duplicates.get('count', 0):,}" + _examples(duplicates.get("listed") or [])),
         ("Results", output.get("run_dir")),
     ]
     body = "\n".join(

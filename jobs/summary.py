@@ -5,6 +5,15 @@ from __future__ import annotations
 import click
 
 
+def duplicate_ids(summary: dict) -> dict:
+    """{count, listed} of the run's duplicate manifest ids; summaries written before the key
+    became `manifest.duplicate_id` called it `duplicates`, with `examples`."""
+    if "manifest.duplicate_id" in summary:
+        return summary["manifest.duplicate_id"]
+    old = summary.get("duplicates") or {}
+    return {"count": old.get("count", 0), "listed": old.get("examples") or []}
+
+
 def _fmt_ms(value) -> str:
     return "-" if value is None else (f"{value:.0f}" if value >= 100 else f"{value:.1f}")
 
@@ -17,13 +26,16 @@ def print_summary(summary: dict) -> None:
     echo(f"tessera · {summary['job']} · run {summary['run_id']}")
     echo(f"  rows in     {summary['rows_in']:>8}   distinct manifest ids")
     echo(f"  rows out    {summary['rows_out']:>8}   invariant rows in = rows out, each id once: {mark}")
+    if not inv["ok"]:
+        echo(f"  broken by   {inv.get('missing', 0)} ids without a row, {inv.get('ids_written_twice', 0)} rows twice, "
+             f"{inv.get('ids_not_in_manifest', 0)} ids not in the manifest")
     if summary.get("skipped"):
         echo(f"  skipped     {summary['skipped']:>8}   already committed by earlier runs (resume)")
     echo(f"  processed   {summary.get('processed', summary['ok'] + summary['errors']):>8}   by this run")
     echo(f"  ok          {summary['ok']:>8}")
     echo(f"  errors      {summary['errors']:>8}" + ("   " + ", ".join(f"{code} {n}" for code, n in summary["errors_by_code"].items()) if summary["errors"] else ""))
-    if summary["duplicates"]["count"]:
-        echo(f"  duplicates  {summary['duplicates']['count']:>8}   manifest.duplicate_id (listed in summary.json)")
+    if duplicates := duplicate_ids(summary)["count"]:
+        echo(f"  duplicates  {duplicates:>8}   manifest.duplicate_id (listed in summary.json)")
     echo(f"  throughput  {summary['throughput_rows_per_s'] or 0:>8.2f}   rows/s over {summary['wall_s']:.1f} s")
     lat = summary["latency_ms"]
     echo("  latency ms  " + "   ".join(f"{stage[:-3]} p50 {_fmt_ms(v['p50'])} p95 {_fmt_ms(v['p95'])}" for stage, v in lat.items()))

@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.resume import committed_files
+from pipeline.resume import COMPACTION_DIR, committed_files, compaction_record
 from schemas.spec import StorageSpec
 
 LATEST_PER_ID = """
@@ -41,8 +41,51 @@ def results_dataset(output_path: str, storage_spec: StorageSpec | None = None) -
     filesystem = storage.arrow_filesystem(files[0], storage_spec)
     paths = [storage.strip_scheme(f) for f in files]
     schemas = [pq.read_schema(path, filesystem=filesystem) for path in paths]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    return pads.dataset(paths, schema=schema, format="parquet", filesystem=filesystem)
+    return pads.dataset(paths, schema=union_schema(schemas, files), format="parquet", filesystem=filesystem)
+
+
+class SchemaConflict(ValueError):
+    """Two runs wrote one column with types the read path cannot read as one."""
+
+
+def union_schema(schemas: list[pa.Schema], files: list[str]) -> pa.Schema:
+    """The files' columns unioned by name, as DuckDB's union_by_name does: a struct has the
+    fields any run gave it, numbers widen, and a scalar whose type changed between runs (an
+    output field that went from int to string) reads as string (the scan casts it)."""
+    merged: dict[str, pa.Field] = {}
+    first: dict[str, str] = {}  # the file each column was first seen in, for the error
+    for schema, path in zip(schemas, files):
+        for field in schema:
+            if field.name not in merged:
+                merged[field.name], first[field.name] = field, path
+                continue
+            try:
+                merged[field.name] = merged[field.name].with_type(_union_type(merged[field.name].type, field.type))
+            except pa.ArrowTypeError:
+                raise SchemaConflict(
+                    f"column {field.name!r} is {merged[field.name].type} in {first[field.name]} but {field.type} "
+                    f"in {path}, and the two have no common type: read those runs apart (one run-<run_id>/ folder each)"
+                ) from None
+    return pa.schema(list(merged.values()))
+
+
+def _union_type(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    if a == b:
+        return a
+    if pa.types.is_struct(a) and pa.types.is_struct(b):
+        fields = {field.name: field for field in a}
+        for field in b:
+            known = fields.get(field.name)
+            fields[field.name] = known.with_type(_union_type(known.type, field.type)) if known else field
+        return pa.struct(list(fields.values()))
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return pa.list_(_union_type(a.value_type, b.value_type))
+    try:
+        return pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive").field("x").type
+    except pa.ArrowTypeError:
+        if pa.types.is_nested(a) or pa.types.is_nested(b):
+            raise  # a struct or list that became a scalar: no cast reads both
+        return pa.string()
 
 
 def current_results(output_path: str, storage_spec: StorageSpec | None = None, where: str | None = None) -> pa.Table:
@@ -71,9 +114,12 @@ def compact(output_path: str, storage_spec: StorageSpec | None = None, target_fi
     """Merge the small files of each finished run into files of about `target_file_mb`.
 
     The merged file is committed (staged, renamed) before the small ones are deleted, so a
-    reader never misses a row; in between, the latest-per-id read path sees each row once.
+    reader never misses a row; a record of what it replaces keeps readers from seeing its
+    rows twice if compaction dies before the deletes, and the next compaction finishes them.
     """
     spec = storage_spec or StorageSpec()
+    for record in storage.list_files(storage.join(output_path, COMPACTION_DIR), spec, suffix=".json"):
+        finish_merge(record, spec)  # left by a compaction that died
     finished = finished_runs(output_path, spec)
     by_run: dict[str, list[str]] = {}
     for path in committed_files(output_path, spec):
@@ -105,6 +151,11 @@ def _bins(files: list[str], spec: StorageSpec, target_bytes: float) -> list[list
 
 
 def _merge(group: list[str], output_path: str, run_id: str, spec: StorageSpec) -> None:
+    finish_merge(commit_merged(group, output_path, run_id, spec), spec)
+
+
+def commit_merged(group: list[str], output_path: str, run_id: str, spec: StorageSpec) -> str:
+    """Write the files of `group` as one, record what it replaces, commit it; -> the record."""
     from pipeline.sink import run_dir, staging_dir
 
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(path, spec))) for path in group]
@@ -115,8 +166,18 @@ def _merge(group: list[str], output_path: str, run_id: str, spec: StorageSpec) -
     pq.write_table(table, buffer, compression="zstd")
     staged = storage.join(staging_dir(output_path, run_id), name + ".tmp")
     storage.write_bytes(staged, buffer.getvalue(), spec)
-    final = storage.join(run_dir(output_path, run_id), name)
-    storage.rename(staged, final, spec)
-    for path in group:
-        if path != final:
+    record = storage.join(output_path, COMPACTION_DIR, run_id, name + ".json")
+    replaces = [path.rsplit("/", 1)[-1] for path in group]
+    storage.write_bytes(record, json.dumps({"merged": name, "replaces": replaces}).encode(), spec)
+    storage.rename(staged, storage.join(run_dir(output_path, run_id), name), spec)
+    return record
+
+
+def finish_merge(record: str, spec: StorageSpec) -> None:
+    """Delete the files a committed merge replaced, then its record (a merge that never got
+    committed replaced nothing: its staged file is stale staging)."""
+    merged, replaces = compaction_record(record, spec)
+    if storage.exists(merged, spec):
+        for path in replaces:
             storage.remove(path, spec)
+    storage.remove(record, spec)

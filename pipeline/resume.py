@@ -8,7 +8,9 @@ partition, however many ids the job has:
 - an id whose latest committed row has the same prompt hash and model revision is done
   (error rows too): marked skipped, unless its content version must be re-checked (the CPU
   stage compares the object's current ETag/size+mtime and skips it only if unchanged);
-- a re-drive runs only ids whose latest committed row is an error with a chosen code;
+- a re-drive runs ids whose latest committed row is an error with a chosen code, and ids
+  no run ever committed (a killed run's remainder: due as in a plain resume, else the table
+  would stay incomplete and the run's invariant check would fail);
 - ids committed earlier but no longer in the manifest produce nothing.
 
 Marked rows flow through the later stages untouched; the sink counts them and never writes
@@ -18,6 +20,7 @@ them. `output.mode: resume` does this; `overwrite` removes earlier results first
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -64,16 +67,46 @@ class ResumePolicy:
         return self.redrive and error_code is not None and (not self.redrive_codes or error_code in self.redrive_codes)
 
 
+# A compaction writes `_compaction/<run_id>/<merged file>.json` (the files it merges) before
+# it commits the merged file, and removes it once those files are deleted: if it dies in
+# between, the record says which files are no longer results (pipeline/results.py finishes).
+COMPACTION_DIR = "_compaction"
+
+
 def committed_files(output_path: str, storage_spec: StorageSpec) -> list[str]:
-    """Every committed result file: `run-*/…parquet` (staging and `_` folders excluded)."""
-    found = storage.list_files(output_path, storage_spec, suffix=".parquet")
+    """Every committed result file: `run-*/…parquet` (staging and `_` folders excluded, and
+    files a committed compaction replaced but did not get to delete)."""
+    found = storage.list_files(output_path, storage_spec)
     base = output_path.rstrip("/")
-    return [f for f in found if _is_committed(f, base)]
+    files = [f for f in found if f.endswith(".parquet") and _is_committed(f, base)]
+    records = [f for f in found if f.endswith(".json") and _relative(f, base).startswith(COMPACTION_DIR + "/")]
+    replaced = _replaced_by_compaction(records, set(files), storage_spec) if records else set()
+    return [f for f in files if f not in replaced]
+
+
+def compaction_record(path: str, storage_spec: StorageSpec) -> tuple[str, list[str]]:
+    """A compaction record -> (the merged file, the files it replaces), as full paths."""
+    entry = json.loads(storage.read_bytes(path, storage_spec))
+    base, _, run_id, _ = path.rsplit("/", 3)
+    folder = f"{base}/run-{run_id}"
+    return f"{folder}/{entry['merged']}", [f"{folder}/{name}" for name in entry["replaces"] if name != entry["merged"]]
+
+
+def _replaced_by_compaction(records: list[str], files: set[str], storage_spec: StorageSpec) -> set[str]:
+    replaced = set()
+    for record in records:
+        merged, replaces = compaction_record(record, storage_spec)
+        if merged in files:  # committed; until then the files it merges are the results
+            replaced.update(replaces)
+    return replaced
+
+
+def _relative(path: str, base: str) -> str:
+    return path.split(base.split("://", 1)[-1].rstrip("/"), 1)[-1].strip("/")
 
 
 def _is_committed(path: str, base: str) -> bool:
-    relative = path.split(base.split("://", 1)[-1].rstrip("/"), 1)[-1].strip("/")
-    parts = relative.split("/")
+    parts = _relative(path, base).split("/")
     return len(parts) >= 2 and parts[0].startswith("run-") and not any(p.startswith(("_", ".")) for p in parts)
 
 
@@ -109,9 +142,10 @@ def decide(group: pa.Table, policy: ResumePolicy) -> pa.Table:
     rows = manifest.select(MANIFEST_SCHEMA.names).to_pylist()
     for duplicate in rows[1:]:
         duplicate["error_code"] = DUPLICATE_ID
+        duplicate["error_message"] = rows[0]["source"]  # the occurrence processed, for the summary
     latest = _latest_committed(group.filter(committed_mask))
     if policy.redrive:
-        if latest is None or latest["c_status"] != "error" or not policy.redrives(latest["c_error_code"]):
+        if latest is not None and (latest["c_status"] != "error" or not policy.redrives(latest["c_error_code"])):
             rows[0]["error_code"] = SKIPPED
     elif latest is not None:
         _mark_done_or_due(rows[0], latest, policy)

@@ -1,9 +1,10 @@
 """Run one job: connect to Ray, build the graph, stream it to the end, verify, summarise.
 
 The driver iterates only over stats rows (one per committed file). After the stream ends it
-checks the invariant independently of those stats: distinct ids in the manifest (a
-hash-partitioned count, bounded memory) against the ids this run committed (read back from
-its Parquet files, each exactly once) plus the ids earlier runs had already committed.
+checks the invariant independently of those stats, from the files themselves: every distinct
+manifest id has exactly one current row, written by this run (its `run-<run_id>/` folder,
+listed) or, where this run skipped it, committed earlier for the same key (a
+hash-partitioned pass, bounded memory).
 
 Output layout under `output.path` (docs/results.md):
     run-<run_id>/part-<digest>.parquet   committed results, one folder per run
@@ -34,7 +35,8 @@ from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manife
 from pipeline.manifests import manifest_files
 from pipeline.resume import ResumePolicy, committed_files
 from pipeline.sink import run_dir, staging_dir
-from pipeline.stats import STAGES, BatchStats, ErrorBudget, ErrorBudgetExceeded
+from pipeline.stats import MAX_LISTED_DUPLICATES, STAGES, BatchStats, ErrorBudget, ErrorBudgetExceeded
+from schemas.errors import DUPLICATE_ID
 from schemas.spec import JobSpec
 from schemas.tasks import resolve_task
 
@@ -120,14 +122,14 @@ def run_job(
     )
     ds = build_dataset(spec, run_id, files, model, task, plan, policy, committed, limit)
     try:
-        totals, timeline, written = stream(ds, spec, started, bound)
+        totals, timeline = stream(ds, spec, started, bound)
     except ErrorBudgetExceeded as exc:
         write_run_record(spec, run_id, "summary.json", {"job": spec.name, "run_id": run_id, "aborted": str(exc)})
         bound.error("error_budget_exceeded", reason=str(exc))
         raise
 
-    bound.info("verifying", hint="counting distinct manifest ids against the ids committed")
-    verified = verify(spec, files, written, totals.skipped, limit, plan.shuffle_partitions)
+    bound.info("verifying", hint="counting distinct manifest ids against the rows committed")
+    verified = verify(spec, run_id, files, committed, policy, limit, plan.shuffle_partitions)
     summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started)
     summary["mode"] = "redrive" if redrive_codes is not None else spec.output.mode
     write_run_record(spec, run_id, "summary.json", summary)
@@ -136,16 +138,14 @@ def run_job(
     return summary
 
 
-def stream(ds, spec: JobSpec, started: float, bound) -> tuple[BatchStats, list, list[str]]:
+def stream(ds, spec: JobSpec, started: float, bound) -> tuple[BatchStats, list]:
     """Drive the dataset to its end, merging the per-file stats; enforce the error budget."""
-    totals, timeline, written = BatchStats(), [], []
+    totals, timeline = BatchStats(), []
     budget = ErrorBudget(spec.output.max_error_rate, spec.output.error_rate_window) if spec.output.max_error_rate else None
     last_log = time.time()
     for stats_row in ds.iter_rows():
         batch = BatchStats.from_dict(json.loads(stats_row["stats_json"]))
         totals.merge(batch)
-        if stats_row["file"]:
-            written.append(stats_row["file"])
         timeline.append([round(stats_row["committed_at"] - started, 3), totals.rows])
         if budget:
             budget.add(batch)
@@ -153,7 +153,7 @@ def stream(ds, spec: JobSpec, started: float, bound) -> tuple[BatchStats, list, 
         if time.time() - last_log > 10:
             bound.info("progress", rows=totals.rows, ok=totals.ok, errors=sum(totals.errors.values()), skipped=totals.skipped)
             last_log = time.time()
-    return totals, timeline, written
+    return totals, timeline
 
 
 def prepare_output(spec: JobSpec, redrive: bool = False) -> list[str]:
@@ -189,15 +189,21 @@ def remove_stale_staging(output_path: str, storage_spec, older_than_s: float = S
     return removed
 
 
-def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int, limit: int | None, partitions: int) -> dict:
-    """Rows in (distinct manifest ids) = rows out (ids this run wrote, each once, plus ids
-    earlier runs had committed), checked independently of the run's own stats: the manifest
-    is read again and this run's files are read back, in one hash-partitioned pass."""
-    ids_in = read_manifest(spec, manifests, limit).map_batches(_tag_manifest_ids, batch_format="pyarrow")
-    if written:
-        ids_out = read_results(written, spec.storage, ["id", "manifest_id"]).map_batches(_tag_written_ids, batch_format="pyarrow")
-        ids_in = ids_in.union(ids_out)
-    per_id = ids_in.groupby("manifest_id", num_partitions=partitions).map_groups(_count_ids, batch_format="pyarrow")
+def verify(
+    spec: JobSpec, run_id: str, manifests: list[str], earlier: list[str], policy: ResumePolicy, limit: int | None, partitions: int
+) -> dict:
+    """Rows in (distinct manifest ids) = rows out, counted from the files, not the stats: the
+    manifest is read again, this run's folder is listed, and the earlier runs' files (as
+    select saw them) cover the ids this run skipped. One hash-partitioned pass, by manifest id."""
+    mine = storage.list_files(run_dir(spec.output.path, run_id), spec.storage, suffix=".parquet")
+    tagged = read_manifest(spec, manifests, limit).map_batches(_tag_manifest_ids, batch_format="pyarrow")
+    for files, kind in ((mine, _THIS_RUN), (sorted(set(earlier) - set(mine)), _EARLIER)):
+        if files:
+            rows = read_results(files, spec.storage, _VERIFY_COLUMNS)
+            tagged = tagged.union(rows.map_batches(_tag_result_rows, fn_kwargs={"kind": kind}, batch_format="pyarrow"))
+    per_id = tagged.groupby("manifest_id", num_partitions=partitions).map_groups(
+        _check_id, fn_kwargs={"policy": policy}, batch_format="pyarrow"
+    )
     # One small row per block back to the driver (not one per id), summed here.
     partial = per_id.map_batches(_sum_counts, batch_format="pyarrow", batch_size=None)
     context = ray.data.DataContext.get_current()
@@ -209,51 +215,78 @@ def verify(spec: JobSpec, manifests: list[str], written: list[str], skipped: int
                 counts[name] += row[name]
     finally:
         context.enable_progress_bars = shown
-    rows_in, rows_written = counts["rows_in"], counts["rows_written"]
-    twice, stray = counts["written_twice"], counts["written_not_in_manifest"]
-    rows_out = rows_written + skipped
-    return {
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "written": rows_written,
-        "already_committed": skipped,
-        "ids_written_twice": twice,
-        "ids_not_in_manifest": stray,
-        "ok": rows_in == rows_out and not twice and not stray,
-    }
+    rows_out = counts["written"] + counts["already_committed"]
+    bad = counts["missing"] or counts["ids_written_twice"] or counts["ids_not_in_manifest"]
+    return {**counts, "rows_out": rows_out, "ok": counts["rows_in"] == rows_out and not bad}
 
 
-_COUNTS = ("rows_in", "rows_written", "written_twice", "written_not_in_manifest")
-_ID_TAGS = pa.schema([("manifest_id", pa.string()), ("id", pa.string()), ("written", pa.bool_())])
+# Per manifest id: in the manifest; its current rows are this run's; else an earlier run's for
+# the same key; else it has none; current rows of one id beyond the first; rows of ids the
+# manifest does not hold.
+_COUNTS = ("rows_in", "written", "already_committed", "missing", "ids_written_twice", "ids_not_in_manifest")
+_MANIFEST, _THIS_RUN, _EARLIER = 0, 1, 2
+_KEY_COLUMNS = ["run_id", "finished_at", "status", "error_code", "prompt_sha256", "model", "model_revision"]
+_VERIFY_COLUMNS = ["id", "manifest_id", *_KEY_COLUMNS]
+_ID_TAGS = pa.schema(
+    [pa.field("manifest_id", pa.string()), pa.field("id", pa.string()), pa.field("kind", pa.int8())]
+    + [pa.field(name, pa.timestamp("ms", tz="UTC") if name == "finished_at" else pa.string()) for name in _KEY_COLUMNS]
+)
 
 
 def _tag_manifest_ids(batch: pa.Table) -> pa.Table:
-    ids = batch.column("id")
-    return pa.Table.from_arrays([ids, ids, pa.array([False] * batch.num_rows)], schema=_ID_TAGS)
+    n, ids = batch.num_rows, batch.column("id")
+    columns = [ids, ids, pa.array([_MANIFEST] * n, pa.int8())] + [pa.nulls(n, f.type) for f in list(_ID_TAGS)[3:]]
+    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
 
 
-def _tag_written_ids(batch: pa.Table) -> pa.Table:
-    written = pa.array([True] * batch.num_rows)
-    return pa.Table.from_arrays([batch.column("manifest_id"), batch.column("id"), written], schema=_ID_TAGS)
+def _tag_result_rows(batch: pa.Table, kind: int) -> pa.Table:
+    columns = [batch.column("manifest_id"), batch.column("id"), pa.array([kind] * batch.num_rows, pa.int8())]
+    columns += [batch.column(f.name).cast(f.type) for f in list(_ID_TAGS)[3:]]
+    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
 
 
 def _sum_counts(batch: pa.Table) -> pa.Table:
     return pa.table({name: [int(pa.compute.sum(batch.column(name)).as_py() or 0)] for name in _COUNTS})
 
 
-def _count_ids(group: pa.Table) -> pa.Table:
-    """One manifest id: is it in the manifest, was it written, and was any id written twice?"""
-    written = group.filter(group.column("written"))
-    in_manifest = written.num_rows < group.num_rows
-    ids = written.column("id").to_pylist()
-    return pa.table(
-        {
-            "rows_in": [int(in_manifest)],
-            "rows_written": [int(bool(ids))],
-            "written_twice": [len(ids) - len(set(ids))],
-            "written_not_in_manifest": [int(bool(ids) and not in_manifest)],
-        }
-    )
+def _check_id(group: pa.Table, policy: ResumePolicy) -> pa.Table:
+    """One manifest id: which of its rows are current, and is each row id there exactly once?"""
+    rows = group.to_pylist()
+    mine = [row for row in rows if row["kind"] == _THIS_RUN]
+    if not any(row["kind"] == _MANIFEST for row in rows):
+        return _counts(ids_not_in_manifest=int(bool(mine)))  # earlier runs' ids the manifest dropped are fine
+    if mine:
+        return _counts(rows_in=1, written=1, ids_written_twice=_extra(mine))
+    latest = _latest_run_rows([row for row in rows if row["kind"] == _EARLIER])
+    if latest and _still_current(latest, policy):
+        return _counts(rows_in=1, already_committed=1, ids_written_twice=_extra(latest))
+    return _counts(rows_in=1, missing=1)
+
+
+def _counts(**values: int) -> pa.Table:
+    return pa.table({name: [values.get(name, 0)] for name in _COUNTS})
+
+
+def _extra(rows: list[dict]) -> int:
+    ids = [row["id"] for row in rows]
+    return len(ids) - len(set(ids))
+
+
+def _latest_run_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the latest run that committed this id (several with PDF pages)."""
+    if not rows:
+        return []
+    latest = max(rows, key=lambda row: (row["finished_at"], row["run_id"]))["run_id"]
+    return [row for row in rows if row["run_id"] == latest]
+
+
+def _still_current(rows: list[dict], policy: ResumePolicy) -> bool:
+    """Would this run rightly have skipped an id whose latest rows are these? A re-drive skips
+    all but the error rows it re-drives; a resume skips rows of the same prompt and model."""
+    if policy.redrive:
+        return not any(row["status"] == "error" and policy.redrives(row["error_code"]) for row in rows)
+    key = (policy.prompt_sha256, policy.model_uri, policy.model_revision)
+    return all((row["prompt_sha256"], row["model"], row["model_revision"]) == key for row in rows)
 
 
 def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started) -> dict:
@@ -272,7 +305,7 @@ def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, 
         "errors": sum(totals.errors.values()),
         "errors_by_code": dict(sorted(totals.errors.items())),
         "invariant": verified,
-        "duplicates": {"count": totals.duplicates, "examples": totals.duplicate_examples},
+        DUPLICATE_ID: {"count": totals.duplicates, "listed": totals.duplicate_examples, "listed_max": MAX_LISTED_DUPLICATES},
         "throughput_rows_per_s": round(totals.rows / wall, 3) if wall > 0 else None,
         "timeline": timeline,
         "latency_ms": {

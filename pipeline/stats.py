@@ -66,7 +66,8 @@ class Histogram:
 
 
 STAGES = ("fetch_ms", "decode_ms", "infer_ms")
-# The summary lists at most this many duplicate ids (it counts all of them).
+# The summary lists at most this many duplicate ids (it counts all of them): a manifest that
+# repeats millions of ids must not make a summary of hundreds of MB.
 MAX_LISTED_DUPLICATES = 1000
 
 
@@ -85,14 +86,15 @@ class BatchStats:
     latency: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in STAGES})
     skipped: int = 0  # committed by an earlier run (resume): not processed, not written
     duplicates: int = 0
-    duplicate_examples: list[dict] = field(default_factory=list)  # {id, source}
+    duplicate_examples: list[dict] = field(default_factory=list)  # {id, position, first}
     # Where the model ran: {replica id: {node_id, gpu_ids, rows}} (one entry per actor).
     replicas: dict[str, dict] = field(default_factory=dict)
 
     def add_duplicate(self, row: dict) -> None:
         self.duplicates += 1
         if len(self.duplicate_examples) < MAX_LISTED_DUPLICATES:
-            self.duplicate_examples.append({"id": row["id"], "source": row.get("source")})
+            # Positions as `<manifest file>#L<line>`: this occurrence, and the one processed.
+            self.duplicate_examples.append({"id": row["id"], "position": row.get("source"), "first": row.get("error_message")})
 
     def add_row(self, row: dict) -> None:
         self.rows += 1

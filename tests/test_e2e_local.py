@@ -56,9 +56,11 @@ def test_every_distinct_id_once(moderation_run):
     assert count == distinct == n_lines
     assert summary["rows_in"] == summary["rows_out"] == n_lines
     assert summary["invariant"]["ok"]
-    assert summary["duplicates"]["count"] == 1
-    assert summary["duplicates"]["examples"][0]["id"] == "img-000"
-    assert summary["duplicates"]["examples"][0]["source"].endswith(f"#L{n_lines + 1}")
+    duplicates = summary["manifest.duplicate_id"]
+    assert duplicates["count"] == 1 and duplicates["listed_max"] == 1000
+    (listed,) = duplicates["listed"]
+    assert listed["id"] == "img-000" and listed["position"].endswith(f"#L{n_lines + 1}")
+    assert listed["first"].endswith("manifest-with-duplicate.jsonl#L1")  # the occurrence processed
 
 
 def test_statuses_and_error_codes(moderation_run):

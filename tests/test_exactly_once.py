@@ -52,6 +52,13 @@ def committed(output: Path) -> list[Path]:
     return sorted(output.glob("run-*/*.parquet"))
 
 
+def raw_ids(output: Path) -> list[str]:
+    """Every row id in every run's files, duplicates kept (the current table would hide them)."""
+    import pyarrow.parquet as pq
+
+    return sorted(i for path in committed(output) for i in pq.read_table(path, columns=["id"]).column("id").to_pylist())
+
+
 def committed_rows(output: Path) -> int:
     import pyarrow.parquet as pq
 
@@ -126,13 +133,46 @@ def test_redrive_by_code(tmp_path, make_spec, ray_local):
 
     for index in range(2):  # the missing objects arrive
         (manifest.parent / f"missing-{index:03d}.png").write_bytes(encode_image(synthetic_image(64, 64, seed=index), "png"))
+    # An id no run ever committed (as after a killed run) is due in a re-drive too.
+    (manifest.parent / "late.png").write_bytes(encode_image(synthetic_image(64, 64, seed=7), "png"))
+    manifest.write_text(manifest.read_text() + json.dumps({"id": "late", "uri": "late.png"}) + "\n")
     redriven = run_job(spec, redrive_codes=("fetch.not_found",))
-    assert (redriven["processed"], redriven["ok"], redriven["skipped"]) == (2, 2, 4)
-    assert redriven["invariant"]["ok"]
+    assert (redriven["processed"], redriven["ok"], redriven["skipped"]) == (3, 3, 4)
+    assert redriven["invariant"]["ok"] and redriven["invariant"]["missing"] == 0
     table = current_results(spec.output.path)
     status = dict(zip(table.column("id").to_pylist(), table.column("error_code").to_pylist()))
     assert status == {"item-000": None, "item-001": None, "item-002": None, "gone-000": None, "gone-001": None,
-                      "not-media": "decode.unsupported"}
+                      "not-media": "decode.unsupported", "late": None}
+
+
+def test_the_invariant_counts_the_files_not_the_stats(tmp_path, make_spec, ray_local):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.manifests import manifest_files
+    from pipeline.resume import ResumePolicy
+    from pipeline.run import run_job, verify
+
+    manifest = write_corpus(tmp_path / "corpus", 6)
+    spec = make_spec(manifest, task=free_text(), output={"rows_per_file": 2})
+    summary = run_job(spec)
+    assert summary["invariant"]["ok"]
+    model = summary["model"]
+    policy = ResumePolicy(prompt_sha256=summary["prompt_sha256"], model_uri=model["uri"], model_revision=model["revision"])
+
+    def check():
+        return verify(spec, summary["run_id"], manifest_files(spec.input, spec.storage), [], policy, None, 2)
+
+    files = committed(Path(spec.output.path))
+    copied, lost = (pq.read_metadata(path).num_rows for path in files[:2])
+    shutil.copy(files[0], files[0].with_name("part-copy.parquet"))  # the same rows twice
+    counts = check()
+    assert not counts["ok"] and (counts["ids_written_twice"], counts["missing"]) == (copied, 0)
+    files[0].unlink()
+    files[1].unlink()  # a file lost after its commit: its ids have no row
+    counts = check()
+    assert not counts["ok"] and (counts["rows_in"], counts["rows_out"], counts["missing"]) == (6, 6 - lost, lost)
 
 
 def test_output_modes(tmp_path, make_spec, ray_local):
@@ -197,9 +237,10 @@ def test_killed_model_actor_loses_nothing(tmp_path, make_spec, ray_local):
 
     manifest = write_corpus(tmp_path / "corpus", 16)
     spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
-    killed = []
+    killed, files_at_kill = [], []
 
     def kill_actor():
+        files_at_kill.append(len(committed(Path(spec.output.path))))
         for process in _descendants_named("Predictor"):
             process.kill()  # SIGKILL: no clean-up, as when a node's OOM killer strikes
             killed.append(process.pid)
@@ -208,8 +249,9 @@ def test_killed_model_actor_loses_nothing(tmp_path, make_spec, ray_local):
     summary = run_job(spec)
     watcher.join(timeout=5)
     assert killed, "the model actor was never found to kill"
+    assert files_at_kill[0] < len(committed(Path(spec.output.path))), "the run was done before the kill"
     assert summary["invariant"]["ok"] and summary["rows_out"] == 16
-    assert sorted(result_ids(Path(spec.output.path))) == [f"item-{i:03d}" for i in range(16)]
+    assert raw_ids(Path(spec.output.path)) == [f"item-{i:03d}" for i in range(16)]  # in the raw files, once each
 
 
 def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
@@ -226,22 +268,24 @@ def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
         cluster.wait_for_nodes()
         manifest = write_corpus(tmp_path / "corpus", 16)
         spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
-        removed = []
-        watcher = when_committed(Path(spec.output.path), 1, lambda: (cluster.remove_node(workers[0]), removed.append(1)))
+        output = Path(spec.output.path)
+        files_at_removal = []
+        watcher = when_committed(output, 1, lambda: (files_at_removal.append(len(committed(output))), cluster.remove_node(workers[0])))
         summary = run_job(spec)
         watcher.join(timeout=30)
-        assert removed, "the worker node was never removed"
+        assert files_at_removal, "the worker node was never removed"
+        assert files_at_removal[0] < len(committed(output)), "the run was done before the node went"
         assert summary["invariant"]["ok"] and summary["rows_out"] == 16
-        assert sorted(result_ids(Path(spec.output.path))) == [f"item-{i:03d}" for i in range(16)]
+        assert raw_ids(output) == [f"item-{i:03d}" for i in range(16)]  # in the raw files, once each
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
-    # Kill once a few files are committed, with most of the work still ahead (one row per
-    # file, one row per batch: commits come one at a time, never all at once).
-    TOTAL, KILL_AT = 60, 8
+    # Kill once about half the files are committed (one row per file, one row per batch:
+    # commits come one at a time, never all at once, so half is a count we can stop at).
+    TOTAL, KILL_AT = 60, 30
     manifest = write_corpus(tmp_path / "corpus", TOTAL)
     output = tmp_path / "out"
     spec_path = tmp_path / "job.yaml"
@@ -286,5 +330,5 @@ def test_killed_driver_then_rerun_does_only_the_rest(tmp_path):
     assert summary["skipped"] == done_before
     assert summary["processed"] == TOTAL - done_before
     assert summary["invariant"]["ok"]
-    ids = result_ids(output)
-    assert sorted(ids) == [f"item-{i:03d}" for i in range(TOTAL)]
+    assert sorted(result_ids(output)) == [f"item-{i:03d}" for i in range(TOTAL)]
+    assert raw_ids(output) == [f"item-{i:03d}" for i in range(TOTAL)]  # both runs' files: each id once

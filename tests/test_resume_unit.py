@@ -54,6 +54,7 @@ def test_first_occurrence_wins_and_the_others_are_duplicates():
     rows = run_decide([manifest_row(9), manifest_row(2), manifest_row(5)], [])
     assert [r["position"] for r in rows] == [2, 5, 9]
     assert [r["error_code"] for r in rows] == [None, DUPLICATE_ID, DUPLICATE_ID]
+    assert [r["error_message"] for r in rows[1:]] == ["m#L2", "m#L2"]  # where the one processed is
 
 
 def test_committed_same_work_checks_the_version():
@@ -88,7 +89,7 @@ def test_redrive_only_runs_matching_error_rows():
     (row,) = run_decide([manifest_row(1)], [committed_row()], redrive)
     assert row["error_code"] == SKIPPED  # ok rows are not re-driven
     (row,) = run_decide([manifest_row(1)], [], redrive)
-    assert row["error_code"] == SKIPPED  # nor rows that never ran
+    assert row["error_code"] is None  # ids that never ran (a killed run's remainder) are due
     every = ResumePolicy(**{**POLICY.__dict__, "redrive_codes": ()})
     (row,) = run_decide([manifest_row(1)], error, every)
     assert row["error_code"] is None
