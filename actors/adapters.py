@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from actors.inputs import ModelInputs
+from actors.sizing import CapPixels, Fit, LongestEdge, SmartResize
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,34 @@ class Adapter:
     # True when the family can take images the CPU worker has already cut into uint8 tiles
     # (pipeline/tiling.py, which reproduces its processor), skipping the processor's own.
     accepts_tiles = False
+    # True when the family's processor takes a video as a video (prepare's `videos`); else a
+    # video's frames go in as images.
+    native_video = False
 
-    # Video frames go in as single images this big (no per-frame grid), unless native video.
-    def frame_size(self, processor) -> tuple[int, int]:
+    # Video frames go in as images this big (a tile), unless native video: a fixed
+    # (width, height), or a Fit of each frame's own size.
+    def frame_size(self, processor) -> tuple[int, int] | Fit:
         crop = getattr(processor.image_processor, "crop_size", None) or {}
         height = getattr(crop, "height", None) or (crop.get("height") if isinstance(crop, dict) else None)
         width = getattr(crop, "width", None) or (crop.get("width") if isinstance(crop, dict) else None)
         return (int(width or 336), int(height or 336))
 
-    def prepare(self, processor, images: list[Image.Image], kind: str, text: str) -> ModelInputs:
+    def fit(self, processor) -> Fit | None:
+        """The size the processor resizes a still image to (actors/sizing.py), for the CPU stage
+        to decode straight to. By default only a cap: the most pixels the processor keeps."""
+        bound = self.max_pixels(processor)
+        return CapPixels(bound) if bound else None
+
+    def prepare(
+        self, processor, images: list[Image.Image], kind: str, text: str, videos: list[list[Image.Image]] | None = None
+    ) -> ModelInputs:
+        """`images` in prompt order; `kind` "video" when they are the frames of a video.
+        `videos` (each one's frames, in prompt order) only for a family with native_video."""
+        if videos:
+            raise ValueError(f"{type(self).__name__} takes no native video; send its frames as images")
         if kind == "video":
             size = self.frame_size(processor)
-            images = [frame.resize(size, Image.Resampling.BICUBIC) for frame in images]
+            images = [frame.resize(size, Image.Resampling.BICUBIC) if frame.size != size else frame for frame in images]
         out = processor(
             text=[text],
             images=images or None,
@@ -219,48 +236,140 @@ class LlavaNextAdapter(Adapter):
 
 class Qwen2VLAdapter(Adapter):
     """Qwen2-VL / Qwen2.5-VL native dynamic resolution: each image resized to a multiple of
-    28 px and cut into 14-px patches, flattened.
+    28 px and cut into 14-px patches, flattened; a video the same, two frames to a patch.
 
     pixels: uint8 [patches of the row, 3 * temporal_patch * 14 * 14] (channel-major inside a
-    patch, as the processor flattens it); extras: image_grid_thw [images, 3]. The prompt's one
-    <|image_pad|> per image becomes t*h*w / merge² of them.
+    patch, as the processor flattens it): the images' patches, then the videos'. extras:
+    image_grid_thw [images, 3] and video_grid_thw [videos, 3]. The prompt's one <|image_pad|>
+    per image (<|video_pad|> per video) becomes t*h*w / merge² of them.
     """
+
+    native_video = True
 
     def max_pixels(self, processor) -> int | None:
         return (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
 
-    def frame_size(self, processor) -> tuple[int, int]:
-        longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge") or 448 * 448
-        side = max(28, int(longest**0.5) // 28 * 28)
-        return (side, side)
+    def fit(self, processor) -> Fit:
+        image_processor = processor.image_processor
+        size = image_processor.size
+        return SmartResize(_factor(image_processor), size.get("shortest_edge"), size.get("longest_edge"), _resample(image_processor))
 
-    def prepare(self, processor, images, kind, text):
-        if kind == "video":
-            images = [frame.resize(self.frame_size(processor), Image.Resampling.BICUBIC) for frame in images]
+    def frame_size(self, processor) -> Fit:
+        """Each frame keeps its aspect ratio within the video processor's pixel budget."""
+        min_pixels, max_pixels = _video_budget(processor)
+        return SmartResize(_factor(processor.image_processor), min_pixels, max_pixels)
+
+    def prepare(self, processor, images, kind, text, videos=None):
+        if kind == "video" and not videos:
+            images, videos = [], [images]  # the frames of one video
         ids = processor.tokenizer([text], return_tensors="np")["input_ids"][0].astype(np.int32)
-        if not images:
+        if not images and not videos:
             return ModelInputs(input_ids=ids, pixels=None)
         image_processor = processor.image_processor
-        out = image_processor(images=images, return_tensors="np", do_rescale=False, do_normalize=False)
-        grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
         merge = int(getattr(image_processor, "merge_size", 2))
-        image_token_id = processor.tokenizer.convert_tokens_to_ids(_image_token(processor, "<|image_pad|>"))
-        input_ids = expand_placeholders(ids, image_token_id, [int(t * h * w) // merge**2 for t, h, w in grid])
-        pixels = np.clip(np.rint(out["pixel_values"]), 0, 255).astype(np.uint8)
-        return ModelInputs(input_ids=input_ids, pixels=np.ascontiguousarray(pixels), extras={"image_grid_thw": grid},
-                           n_tiles=len(grid))
+        patches, image_grid = [], np.zeros((0, 3), dtype=np.int64)
+        if images:
+            out = image_processor(images=images, return_tensors="np", do_rescale=False, do_normalize=False)
+            image_grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+            patches.append(np.clip(np.rint(out["pixel_values"]), 0, 255).astype(np.uint8))
+            ids = expand_placeholders(ids, _token_id(processor, "image_token", "<|image_pad|>"), _merged(image_grid, merge))
+        video_grid = np.zeros((0, 3), dtype=np.int64)
+        if videos:
+            flat = [video_patches(frames, image_processor) for frames in videos]
+            video_grid = np.stack([grid for _, grid in flat])
+            patches.extend(video for video, _ in flat)
+            ids = expand_placeholders(ids, _token_id(processor, "video_token", "<|video_pad|>"), _merged(video_grid, merge))
+        return ModelInputs(
+            input_ids=ids, pixels=np.ascontiguousarray(np.concatenate(patches)),
+            extras={"image_grid_thw": image_grid, "video_grid_thw": video_grid},
+            n_tiles=len(image_grid) + int(video_grid[:, 0].sum()),
+        )
 
     def collate(self, items, pad_token_id, norm, device, dtype):
         batch = left_pad(items, pad_token_id, device)
-        with_images = [item for item in items if item.pixels is not None]
-        if not with_images:
+        with_pixels = [item for item in items if item.pixels is not None]
+        if not with_pixels:
             return batch
-        patches = torch.from_numpy(np.concatenate([item.pixels for item in with_images])).to(device)
-        channels = len(norm.mean)
-        flat = norm.apply(patches.view(patches.shape[0], channels, -1), dtype, channel_dim=1)
-        batch["pixel_values"] = flat.reshape(patches.shape)
-        batch["image_grid_thw"] = torch.from_numpy(np.concatenate([item.extras["image_grid_thw"] for item in with_images])).to(device)
+        images, videos, image_grids, video_grids = [], [], [], []
+        for item in with_pixels:
+            image_grid = item.extras["image_grid_thw"]
+            split = int(image_grid.prod(-1).sum())
+            images.append(item.pixels[:split])
+            videos.append(item.pixels[split:])
+            image_grids.append(image_grid)
+            video_grids.append(item.extras.get("video_grid_thw", np.zeros((0, 3), dtype=np.int64)))
+        for key, grid_key, parts, grids in (
+            ("pixel_values", "image_grid_thw", images, image_grids),
+            ("pixel_values_videos", "video_grid_thw", videos, video_grids),
+        ):
+            grid = np.concatenate(grids)
+            if len(grid):
+                batch[key] = self._normalise(np.concatenate(parts), norm, device, dtype)
+                batch[grid_key] = torch.from_numpy(grid).to(device)
         return batch
+
+    @staticmethod
+    def _normalise(patches: np.ndarray, norm: PixelNorm, device, dtype) -> torch.Tensor:
+        flat = torch.from_numpy(patches).to(device)
+        channels = len(norm.mean)
+        return norm.apply(flat.view(flat.shape[0], channels, -1), dtype, channel_dim=1).reshape(flat.shape)
+
+
+# Qwen2VLVideoProcessor's per-frame pixel budget in transformers 5.23, for checkpoints whose
+# video processor cannot be loaded here (it needs torchvision).
+_QWEN2_VL_VIDEO_PIXELS = (128 * 28 * 28, 768 * 28 * 28)
+
+
+def _video_budget(processor) -> tuple[int, int]:
+    """(min, max) pixels per frame: the video processor's, or without one its defaults, never
+    above the image processor's own budget (the tiny model's is far smaller)."""
+    video = getattr(processor, "video_processor", None)
+    if video is not None and getattr(video, "size", None):
+        return int(video.size.get("shortest_edge")), int(video.size.get("longest_edge"))
+    size = processor.image_processor.size
+    return (
+        min(int(size.get("shortest_edge") or _QWEN2_VL_VIDEO_PIXELS[0]), _QWEN2_VL_VIDEO_PIXELS[0]),
+        min(int(size.get("longest_edge") or _QWEN2_VL_VIDEO_PIXELS[1]), _QWEN2_VL_VIDEO_PIXELS[1]),
+    )
+
+
+def video_patches(frames: list[Image.Image], image_processor) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 patches [t*h*w, 3 * temporal * patch²] and grid (t, h, w) of one video, laid out as
+    Qwen2VLVideoProcessor.patchify lays them (an odd frame count repeats the last frame). The
+    frames arrive at a size smart_resize keeps (the decoder's frame_size), so the processor's
+    resize would leave them as they are."""
+    patch = int(image_processor.patch_size)
+    merge = int(getattr(image_processor, "merge_size", 2))
+    temporal = int(getattr(image_processor, "temporal_patch_size", 2))
+    size = frames[0].size
+    video = np.stack([np.asarray(f.convert("RGB").resize(size) if f.size != size else f.convert("RGB")) for f in frames])
+    video = video.transpose(0, 3, 1, 2)  # [frames, 3, H, W]
+    if pad := -len(video) % temporal:
+        video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+    frames_n, channels, height, width = video.shape
+    grid_t, grid_h, grid_w = frames_n // temporal, height // patch, width // patch
+    patches = video.reshape(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch)
+    return np.ascontiguousarray(flat), np.array([grid_t, grid_h, grid_w], dtype=np.int64)
+
+
+def _factor(image_processor) -> int:
+    return int(image_processor.patch_size) * int(getattr(image_processor, "merge_size", 2))
+
+
+def _merged(grid: np.ndarray, merge: int) -> list[int]:
+    return [int(t * h * w) // merge**2 for t, h, w in grid]
+
+
+def _token_id(processor, name: str, default: str) -> int:
+    token = getattr(processor, name, None) or getattr(processor.tokenizer, name, None) or default
+    return processor.tokenizer.convert_tokens_to_ids(token)
+
+
+def _resample(image_processor) -> int:
+    resample = getattr(image_processor, "resample", None)
+    return int(Image.Resampling.BICUBIC if resample is None else resample)
 
 
 class Idefics3Adapter(Adapter):
@@ -275,15 +384,27 @@ class Idefics3Adapter(Adapter):
         longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
         return int(longest) ** 2 if longest else None
 
+    def fit(self, processor) -> Fit | None:
+        longest = (getattr(processor.image_processor, "size", None) or {}).get("longest_edge")
+        return LongestEdge(int(longest), _resample(processor.image_processor)) if longest else None
+
     def frame_size(self, processor) -> tuple[int, int]:
         side = int((getattr(processor.image_processor, "max_image_size", None) or {}).get("longest_edge") or 364)
         return (side, side)
 
-    def prepare(self, processor, images, kind, text):
+    def prepare(self, processor, images, kind, text, videos=None):
+        if videos:
+            raise ValueError("Idefics3 takes no native video; send its frames as images")
+        options = {}
         if kind == "video":
-            images = [frame.resize(self.frame_size(processor), Image.Resampling.BICUBIC) for frame in images]
+            # A frame is one tile: no split, and no upscaling to the longest edge first (the
+            # processor would blow each frame up to a 4x4 grid plus its global view).
+            size = self.frame_size(processor)
+            images = [frame.resize(size, Image.Resampling.BICUBIC) if frame.size != size else frame for frame in images]
+            options = {"do_image_splitting": False, "do_resize": False}
         out = processor(
-            text=[text], images=[images] if images else None, return_tensors="np", do_rescale=False, do_normalize=False
+            text=[text], images=[images] if images else None, return_tensors="np", do_rescale=False, do_normalize=False,
+            **options,
         )
         input_ids = out["input_ids"][0].astype(np.int32)
         if not images:
@@ -316,10 +437,6 @@ class Idefics3Adapter(Adapter):
         batch["pixel_values"] = pixels
         batch["pixel_attention_mask"] = mask
         return batch
-
-
-def _image_token(processor, default: str) -> str:
-    return getattr(processor, "image_token", None) or getattr(processor.tokenizer, "image_token", None) or default
 
 
 ADAPTERS: dict[str, Callable[[], Adapter]] = {

@@ -78,11 +78,35 @@ def load_processor(path: str, trust_remote_code: bool = False):
 
     hf_logging.set_verbosity_error()  # e.g. "falling back to the PIL image processor", once per worker
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ImportError:
         # e.g. Qwen2VLProcessor type-checks a video processor that needs torchvision, which
         # cannot be installed beside this torch build: assemble the parts the adapters use.
         return PartsProcessor.load(path, trust_remote_code)
+    return with_pil_image_processor(processor, path, trust_remote_code)
+
+
+def with_pil_image_processor(processor, path: str, trust_remote_code: bool = False):
+    """The processor with its image processor on the PIL backend.
+
+    transformers picks the torchvision image-processor class whenever torchvision is
+    importable (GPU images have it, vLLM needs it). CPU workers hand it PIL images, and
+    pipeline/tiling.py reproduces the PIL class pixel for pixel, so the pixels (and the fast
+    tiling path) must not depend on whether torchvision happens to be installed. Only the
+    image processor is swapped: the video processor has no PIL backend.
+    """
+    current = getattr(processor, "image_processor", None)
+    if current is None or getattr(current, "backend", "pil") == "pil":
+        return processor
+    from transformers import AutoImageProcessor
+
+    try:
+        pil = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError, OSError):
+        return processor  # no PIL class for it (e.g. remote code): keep what transformers chose
+    if getattr(pil, "backend", None) == "pil":
+        processor.image_processor = pil
+    return processor
 
 
 class PartsProcessor:
@@ -102,7 +126,7 @@ class PartsProcessor:
         template_file = Path(path) / "chat_template.jinja"
         return PartsProcessor(
             AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
-            AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code),
+            AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=trust_remote_code),
             template_file.read_text() if template_file.is_file() else None,
         )
 

@@ -10,7 +10,7 @@
 Each has a BPE tokenizer with the family's special tokens and a chat template in its style.
 The image processors are the PIL ones: the torchvision ones cannot be installed beside this
 torch build. Qwen2-VL's video processor needs torchvision, so the processor is saved without
-one (the pipeline sends video frames as images).
+one; its adapter lays out video patches itself, as that video processor does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from actors.tiny import SEED, build_bpe_tokenizer
 QWEN2_VL_URI = "builtin:tiny-qwen2-vl"
 IDEFICS3_URI = "builtin:tiny-idefics3"
 # Bump when a builder changes: the cache directories are keyed by it.
-VERSION = "1"
+VERSION = "2"  # 2: the Qwen2-VL chat template renders video parts
 
 QWEN2_VL_SPECIAL = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -35,6 +35,7 @@ QWEN2_VL_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.images import Picture, decode_animation, decode_image, image_format
+from pipeline.images import Fit, FrameSize, Picture, decode_animation, decode_image, image_format
 from pipeline.pdf import decode_pdf
 from pipeline.tiling import AnyresPlan
 from pipeline.video import decode_video
@@ -47,8 +47,12 @@ class DecodedMedia:
 class Shaping:
     """What the model needs, decided once per worker from its processor."""
 
-    frame_size: tuple[int, int]  # (width, height) of each video frame the model sees
+    # (width, height) of each video frame the model sees, or a Fit of the frame's own size
+    frame_size: FrameSize
     plan: AnyresPlan | None = None  # tile here; None: the model's processor tiles
+    # Without a plan: the size the processor resizes a still image to (actors/sizing.py),
+    # decoded straight to that size (None: decoded at full size).
+    fit: Fit | None = None
 
 
 @dataclass
@@ -62,6 +66,7 @@ class ModelMedia:
     images: list[Image.Image] | None = None
     n_frames: int | None = None
     n_pages: int | None = None
+    as_frames: bool = False  # the frames of a video (or an animation), in order
 
     def split(self) -> list["ModelMedia"]:
         """One ModelMedia per image (PDF page mode: a row per page)."""
@@ -101,21 +106,23 @@ def sniff_kind(data: bytes) -> str | None:
 
 def decode(data: bytes, media_type: str | None, media: MediaSpec, shaping: Shaping | None = None) -> DecodedMedia:
     """Decode one item. With a tiling plan, pictures may hold fewer pixels than their size
-    says (never fewer than the plan needs); without one, exactly their size."""
+    says (never fewer than the plan needs); without one, exactly their size (the processor's
+    resize of it, with a fit)."""
     run_test_hook(data)
     kind = sniff_kind(data) or media_type
     target = shaping.plan.source_size if shaping and shaping.plan else None
+    fit = shaping.fit if shaping and not shaping.plan else None
     frame_size = shaping.frame_size if shaping else None
     if kind == "image":
         if media.image.gif_mode == "frames" and _is_animated(data):
             frames = decode_animation(data, media.image, media.video, frame_size)
             return DecodedMedia("image", frames, n_frames=len(frames), as_frames=True)
-        return DecodedMedia("image", [decode_image(data, media.image, target)])
+        return DecodedMedia("image", [decode_image(data, media.image, target, fit)])
     if kind == "video":
         video = decode_video(data, media.video, frame_size)
         return DecodedMedia("video", video.pictures, n_frames=len(video.pictures), as_frames=True, decoded_frames=video.decoded_frames)
     if kind == "pdf":
-        pages = decode_pdf(data, media.pdf, media.image, target)
+        pages = decode_pdf(data, media.pdf, media.image, target, fit)
         return DecodedMedia("pdf", pages, n_pages=len(pages))
     raise ItemError(ErrorCode.DECODE_UNSUPPORTED, f"the bytes are not an image, video or PDF we read (they start with {data[:8]!r})")
 
@@ -145,7 +152,7 @@ def prepare_media(data: bytes, media_type: str | None, media: MediaSpec, shaping
 
 def shape(decoded: DecodedMedia, shaping: Shaping) -> ModelMedia:
     sizes = [picture.size for picture in decoded.pictures]
-    media = ModelMedia(decoded.kind, sizes, n_frames=decoded.n_frames, n_pages=decoded.n_pages)
+    media = ModelMedia(decoded.kind, sizes, n_frames=decoded.n_frames, n_pages=decoded.n_pages, as_frames=decoded.as_frames)
     if shaping.plan is not None:
         media.tiles = [shaping.plan.tile_image(p.image, p.size) for p in decoded.pictures]
     else:

@@ -46,12 +46,18 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 # (width, height) the model is told -> the least (width, height) of pixels it needs.
 Target = Callable[[int, int], tuple[int, int]]
+# (width, height) -> the (width, height) the model's processor resizes it to, with a `resample`
+# filter (actors/sizing.py); the picture is then decoded to exactly that size.
+Fit = Callable[[int, int], tuple[int, int]]
+# Video and animation frames: one (width, height) for all, or a Fit of each frame's upright size.
+FrameSize = tuple[int, int] | Fit
 
 
 @dataclass
 class Picture:
     """One image the model sees. `size` is what the model is told (upright, after
-    media.image.max_pixels); `image` holds the pixels, RGB and upright, possibly smaller than
+    media.image.max_pixels, and after the processor's resize where the decoder does it for
+    the processor: `fit`); `image` holds the pixels, RGB and upright, possibly smaller than
     `size` (draft decoding) but never smaller than the target that was asked for."""
 
     image: Image.Image
@@ -139,26 +145,28 @@ def _check_pixels(fmt: str, width: int, height: int, spec: ImageSpec) -> None:
         )
 
 
-def decode_image(data: bytes, spec: ImageSpec, target: Target | None = None) -> Picture:
+def decode_image(data: bytes, spec: ImageSpec, target: Target | None = None, fit: Fit | None = None) -> Picture:
     """The first frame, upright and RGB. With a `target`, pixels may stay smaller than `size`
-    (but not than the target); without one, the pixels are exactly `size`."""
+    (but not than the target); without one, the pixels are exactly `size`: the capped size,
+    or what `fit` makes of it."""
     image = open_image(data, spec)
-    return _picture(image, spec, target)
+    return _picture(image, spec, target, fit)
 
 
-def _picture(image: Image.Image, spec: ImageSpec, target: Target | None) -> Picture:
+def _picture(image: Image.Image, spec: ImageSpec, target: Target | None, fit: Fit | None = None) -> Picture:
     orientation = exif_orientation(image)
     stored_w, stored_h = image.size
     upright = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
-    size = cap_pixels(upright, spec.max_pixels)
-    need = target(*size) if target else size
+    capped = cap_pixels(upright, spec.max_pixels)
+    size = fit(*capped) if fit else capped
+    need = target(*capped) if target else (min(size[0], capped[0]), min(size[1], capped[1]))
     if image.format in _JPEG:
-        draft_jpeg(image, upright, size, need, orientation in _SWAPS_AXES)
+        draft_jpeg(image, upright, capped, need, orientation in _SWAPS_AXES)
     pixels = to_rgb(load(image))
     if orientation in _UPRIGHT:
         pixels = pixels.transpose(_UPRIGHT[orientation])
     if target is None and pixels.size != size:
-        pixels = pixels.resize(size, Image.Resampling.BICUBIC)
+        pixels = pixels.resize(size, getattr(fit, "resample", Image.Resampling.BICUBIC))
     return Picture(pixels, size)
 
 
@@ -250,7 +258,14 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return background
 
 
-def decode_animation(data: bytes, spec: ImageSpec, video: VideoSpec, frame_size: tuple[int, int] | None) -> list[Picture]:
+def frame_target(frame_size: FrameSize | None, upright: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) a frame of this upright size is shown at."""
+    if frame_size is None:
+        return upright
+    return frame_size(*upright) if callable(frame_size) else frame_size
+
+
+def decode_animation(data: bytes, spec: ImageSpec, video: VideoSpec, frame_size: FrameSize | None) -> list[Picture]:
     """An animated image (GIF, WebP, APNG) as frames sampled like a video, by the frames'
     own durations; a still image gives its one frame."""
     from pipeline.video import sample_times
@@ -269,7 +284,7 @@ def decode_animation(data: bytes, spec: ImageSpec, video: VideoSpec, frame_size:
         except Exception as exc:  # noqa: BLE001
             raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot decode frame {index} of the {image.format}: {_describe(exc)}") from None
         frame = to_rgb(load(image).copy())
-        size = frame_size or frame.size
+        size = frame_target(frame_size, frame.size)
         pictures.append(Picture(frame.resize(size, Image.Resampling.BICUBIC) if frame.size != size else frame, size))
     return pictures
 

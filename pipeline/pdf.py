@@ -12,7 +12,7 @@ import math
 
 from PIL import Image
 
-from pipeline.images import Picture, Target, cap_pixels
+from pipeline.images import Fit, Picture, Target, cap_pixels
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import ImageSpec, PdfSpec
 
@@ -20,7 +20,9 @@ _POINTS_PER_INCH = 72
 _PASSWORD_ERROR = 4  # FPDF_ERR_PASSWORD
 
 
-def decode_pdf(data: bytes, spec: PdfSpec, image_spec: ImageSpec, target: Target | None = None) -> list[Picture]:
+def decode_pdf(
+    data: bytes, spec: PdfSpec, image_spec: ImageSpec, target: Target | None = None, fit: Fit | None = None
+) -> list[Picture]:
     """The first media.pdf.max_pages pages, in order."""
     try:
         import pypdfium2 as pdfium
@@ -31,7 +33,7 @@ def decode_pdf(data: bytes, spec: PdfSpec, image_spec: ImageSpec, target: Target
         count = len(document)
         if count == 0:
             raise ItemError(ErrorCode.DECODE_CORRUPT, "the PDF has no pages")
-        return [_render(document, index, spec, image_spec, target) for index in range(min(count, spec.max_pages))]
+        return [_render(document, index, spec, image_spec, target, fit) for index in range(min(count, spec.max_pages))]
     finally:
         document.close()
 
@@ -45,7 +47,7 @@ def _open(pdfium, data: bytes):
         raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot open the PDF: {exc}") from None
 
 
-def _render(document, index: int, spec: PdfSpec, image_spec: ImageSpec, target: Target | None) -> Picture:
+def _render(document, index: int, spec: PdfSpec, image_spec: ImageSpec, target: Target | None, fit: Fit | None) -> Picture:
     import pypdfium2 as pdfium
 
     try:
@@ -63,8 +65,9 @@ def _render(document, index: int, spec: PdfSpec, image_spec: ImageSpec, target: 
             f"page {index + 1} is {width_pt:.0f}x{height_pt:.0f} pt = {full[0]}x{full[1]} pixels at "
             f"{spec.dpi} dpi, over media.image.hard_max_pixels = {image_spec.hard_max_pixels:,}",
         )
-    size = cap_pixels(full, image_spec.max_pixels)
-    need = target(*size) if target else size
+    capped = cap_pixels(full, image_spec.max_pixels)
+    size = fit(*capped) if fit else capped
+    need = target(*capped) if target else (min(size[0], capped[0]), min(size[1], capped[1]))
     scale = min(dpi_scale, max(need[0] / width_pt, need[1] / height_pt))
     try:
         image = page.render(scale=scale, may_draw_forms=True).to_pil()
@@ -74,5 +77,5 @@ def _render(document, index: int, spec: PdfSpec, image_spec: ImageSpec, target: 
         page.close()
     image = image.convert("RGB") if image.mode != "RGB" else image
     if target is None and image.size != size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
+        image = image.resize(size, getattr(fit, "resample", Image.Resampling.BICUBIC))
     return Picture(image, size)

@@ -56,7 +56,12 @@ class Preparer:
         self.for_engine = ctx.spec.model.backend == "vllm"
         tiles = self.adapter.accepts_tiles and not self.for_engine
         plan = AnyresPlan.from_processor(self.processor.image_processor) if tiles else None
-        self.decoder = MediaDecoder(ctx.spec.media, Shaping(self.adapter.frame_size(self.processor), plan))
+        # Without a plan the decoder still decodes only what the processor keeps (fit).
+        shaping = Shaping(self.adapter.frame_size(self.processor), plan, fit=self.adapter.fit(self.processor))
+        self.decoder = MediaDecoder(ctx.spec.media, shaping)
+        # A family that takes video natively gets each video as a video part (the vLLM engine
+        # path sends frames as images).
+        self.native_video = self.adapter.native_video and not self.for_engine
         self.task = ctx.task
         self.template = _JINJA.from_string(self.task.prompt_template)
         self.fetch_policy = storage.FetchPolicy.from_spec(ctx.spec)
@@ -122,10 +127,13 @@ class Preparer:
         return "|".join(versions) == row["resume_version"]
 
     def _fill(self, row: dict, items: list[ModelMedia], decode_ms: float) -> None:
-        """Prompt and model inputs for the row's media, all images in order."""
+        """Prompt and model inputs for the row's media, in order: images (a video's frames among
+        them), or one video part per video for a family that takes video natively."""
         started = time.perf_counter()
         sizes = [size for item in items for size in item.sizes]
-        text = self.render_prompt(row, len(sizes))
+        as_video = [self.native_video and item.as_frames for item in items]
+        parts = [kind for item, video in zip(items, as_video) for kind in (["video"] if video else ["image"] * len(item.sizes))]
+        text = self.render_prompt(row, parts)
         try:
             if self.for_engine:
                 images = [image for item in items for image in item.images]
@@ -134,8 +142,10 @@ class Preparer:
                 tiles = [tile for item in items for tile in item.tiles]
                 inputs = self.adapter.prepare_tiled(self.processor, tiles, sizes, text)
             else:
-                images = [image for item in items for image in item.images]
-                inputs = self.adapter.prepare(self.processor, images, "image", text)
+                images = [image for item, video in zip(items, as_video) if not video for image in item.images]
+                videos = [item.images for item, video in zip(items, as_video) if video]
+                kind = "video" if all(item.as_frames for item in items) else "image"
+                inputs = self.adapter.prepare(self.processor, images, kind, text, videos=videos or None)
         except Exception as exc:
             raise ItemError(ErrorCode.PREPARE_ERROR, f"the model's processor rejected the input: {exc}") from None
         row.update(
@@ -148,22 +158,24 @@ class Preparer:
             decode_ms=decode_ms + (time.perf_counter() - started) * 1000,
         )
 
-    def render_prompt(self, row: dict, n_images: int) -> str:
+    def render_prompt(self, row: dict, media: int | list[str]) -> str:
         """The task's Jinja template over the row's fields, in the model's chat template."""
         fields = json.loads(row["fields_json"] or "{}")
         try:
             prompt = self.template.render(**fields, id=row["id"], uris=row["uris"], uri=row["uris"][0])
         except TemplateError as exc:
             raise ItemError(ErrorCode.PROMPT_ERROR, f"cannot render task.prompt for this row: {exc}") from None
-        return build_chat_text(self.processor, prompt, n_images, self.task.system_prompt)
+        return build_chat_text(self.processor, prompt, media, self.task.system_prompt)
 
 
-def build_chat_text(processor, prompt: str, n_images: int, system_prompt: str | None = None) -> str:
-    """Chat messages (system?, user: images then text) through the processor's chat template."""
+def build_chat_text(processor, prompt: str, media: int | list[str], system_prompt: str | None = None) -> str:
+    """Chat messages (system?, user: media then text) through the processor's chat template.
+    `media`: that many images, or the parts in order ("image" / "video")."""
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    kinds = ["image"] * media if isinstance(media, int) else media
+    content = [{"type": kind} for kind in kinds] + [{"type": "text", "text": prompt}]
     messages.append({"role": "user", "content": content})
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.images import Picture
+from pipeline.images import FrameSize, Picture, frame_target
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import VideoSpec
 
@@ -37,9 +37,9 @@ class SampledVideo:
     seeks: int
 
 
-def decode_video(data: bytes, spec: VideoSpec, frame_size: tuple[int, int] | None = None) -> SampledVideo:
-    """Sample frames; each becomes a picture of `frame_size` (width, height), or of its own
-    upright size when None."""
+def decode_video(data: bytes, spec: VideoSpec, frame_size: FrameSize | None = None) -> SampledVideo:
+    """Sample frames; each becomes a picture of `frame_size` (width, height, or a function of
+    the frame's upright size), or of its own upright size when None."""
     import av
 
     try:
@@ -55,7 +55,7 @@ def decode_video(data: bytes, spec: VideoSpec, frame_size: tuple[int, int] | Non
         raise ItemError(ErrorCode.DECODE_CORRUPT, f"cannot decode the video: {_describe(exc)}") from None
 
 
-def _sample(container, spec: VideoSpec, frame_size: tuple[int, int] | None) -> SampledVideo:
+def _sample(container, spec: VideoSpec, frame_size: FrameSize | None) -> SampledVideo:
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams}) or ["none"]
         raise ItemError(ErrorCode.VIDEO_NO_VIDEO_STREAM, f"the file has no video stream (streams: {', '.join(kinds)})")
@@ -174,15 +174,15 @@ class FrameCursor:
         return None
 
 
-def to_picture(frame, frame_size: tuple[int, int] | None) -> Picture:
+def to_picture(frame, frame_size: FrameSize | None) -> Picture:
     """Scale in swscale straight from YUV (bicubic, like the processors) and apply the
     display rotation; a 90/270 rotation scales to the swapped size first."""
     rotation = int(getattr(frame, "rotation", 0) or 0) % 360
     quarter = rotation in (90, 270)
-    if frame_size is None:
-        width, height = frame.width, frame.height
-    else:
-        width, height = (frame_size[1], frame_size[0]) if quarter else frame_size
+    upright = (frame.height, frame.width) if quarter else (frame.width, frame.height)
+    width, height = frame_target(frame_size, upright)
+    if quarter:
+        width, height = height, width
     image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_image()
     if rotation in _ROTATE:
         image = image.transpose(_ROTATE[rotation])

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from actors.adapters import LlavaNextAdapter
 from actors.tiny import tiny_grid_pinpoints
@@ -38,6 +39,51 @@ def processor_tiles(processor, image: Image.Image) -> np.ndarray:
     return out["pixel_values"][0].astype(np.uint8)
 
 
+def test_the_builtin_tiny_model_gets_a_plan(processor):
+    """The fast path must be on for the default model: without a plan every image is decoded
+    full size and tiled by the processor (~80 ms instead of ~5)."""
+    assert type(processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
+    assert AnyresPlan.from_processor(processor.image_processor) is not None
+
+
+class LlavaNextImageProcessor(LlavaNextImageProcessorPil):
+    """Stands in for transformers' torchvision class of the same name, which transformers
+    picks whenever torchvision is importable and which cannot be built here without it."""
+
+    backend = "torchvision"
+
+
+def test_the_torchvision_class_is_swapped_for_the_pil_one(processor, plan, tiny_model_path):
+    from actors.loading import with_pil_image_processor
+
+    chosen = copy.copy(processor)  # the cached processor stays as it is
+    chosen.image_processor = copy.deepcopy(processor.image_processor)
+    chosen.image_processor.__class__ = LlavaNextImageProcessor
+    assert AnyresPlan.from_processor(chosen.image_processor) is None  # what a GPU image used to get
+    fixed = with_pil_image_processor(chosen, str(tiny_model_path))
+    assert type(fixed.image_processor).__name__ == "LlavaNextImageProcessorPil"
+    assert AnyresPlan.from_processor(fixed.image_processor) == plan
+
+
+def _torchvision_works() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a build that does not load beside this torch
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_works(), reason="torchvision is not importable here")
+def test_with_torchvision_installed_the_plan_is_still_found(tiny_model_path):
+    from transformers import AutoProcessor
+
+    from actors.loading import load_processor
+
+    assert AutoProcessor.from_pretrained(str(tiny_model_path)).image_processor.backend == "torchvision"
+    loaded = load_processor.__wrapped__(str(tiny_model_path))
+    assert AnyresPlan.from_processor(loaded.image_processor) is not None
+
+
 def test_plan_comes_from_the_processor_config(plan):
     assert [list(point) for point in plan.grid] == tiny_grid_pinpoints()
     assert plan.tile == 56 and plan.thumbnail == (56, 56)
@@ -56,6 +102,31 @@ def test_tiles_equal_the_processor_pixel_for_pixel(processor, plan, width, heigh
     assert tiles.shape == expected.shape
     assert np.array_equal(tiles, expected)
     assert tiles.shape[0] == plan.n_tiles(width, height)
+
+
+# MiniMax-VL-01's own scale: 336-px tiles, every (h, w) multiple of 336 up to 2016 with at
+# most 18 tiles (28 grid points), as a LLaVA-NeXT image processor built here (no download).
+MINIMAX_GRID = [[h * 336, w * 336] for h in range(1, 7) for w in range(1, 7) if h * w <= 18]
+
+
+@pytest.fixture(scope="module")
+def minimax_scale():
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=MINIMAX_GRID,
+    )
+    return image_processor, AnyresPlan.from_processor(image_processor)
+
+
+@pytest.mark.parametrize("width,height", [(640, 480), (1080, 1920), (1920, 1080), (2000, 57), (337, 335), (3000, 2000)])
+def test_tiles_equal_a_minimax_scale_processor_pixel_for_pixel(minimax_scale, width, height):
+    image_processor, plan = minimax_scale
+    assert len(plan.grid) == 28 and plan.tile == 336 and max(h // 336 * (w // 336) for h, w in plan.grid) == 18
+    image = synthetic_image(width, height, seed=width + height)
+    expected = image_processor(images=[image], return_tensors="np", do_rescale=False, do_normalize=False)
+    expected = expected["pixel_values"][0].astype(np.uint8)
+    tiles = plan.tile_image(image)
+    assert tiles.shape == expected.shape and tiles.shape[0] == plan.n_tiles(width, height) <= 19
+    assert np.array_equal(tiles, expected)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
