@@ -434,6 +434,7 @@ def schedule(spec_paths, overrides, address, forward, ship_code, poll_seconds, o
     client = _cluster(lambda: jobs_submit.connect(address))
     scheduler = _cluster(lambda: Scheduler(jobs, client, forward=forward, ship_code=ship_code, poll_seconds=poll_seconds))
     if once:
+        _cluster(scheduler.recover)  # an unreachable cluster is an exit status here, not a retry
         for submission in _cluster(scheduler.step):
             click.echo(submission.submission_id)
         return

@@ -30,8 +30,8 @@ from typing import Protocol
 import structlog
 
 from jobs.submit import (
-    ACTIVE, META_JOB, META_TICK, AlreadySubmitted, Submission, SubmitError, find_job, scheduled_submission_id,
-    submit_spec, tessera_jobs,
+    ACTIVE, META_JOB, META_TICK, AlreadySubmitted, ClusterUnreachable, Submission, SubmitError, find_job,
+    scheduled_submission_id, stop_job, submit_spec, tessera_jobs,
 )
 from jobs.ticks import CronSchedule, TickError, render_for_tick, tick_iso
 from schemas.spec import JobSpec
@@ -164,16 +164,24 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> list[Submission]:
-        """Look at every job once: submit what is due, log what is held back or missed."""
-        if not self.state:
-            self.recover()
+        """Look at every job once: submit what is due, log what is held back or missed.
+        A cluster that does not answer is logged and asked again at the next step."""
+        try:
+            if not self.state:
+                self.recover()
+        except SubmitError as exc:
+            log.error(_failure_event(exc), error=str(exc), hint="retrying at the next step")
+            return []
         now = self.clock.now()
         submitted = []
         for job in self.jobs:
             try:
                 if submission := self._step_job(job, now):
                     submitted.append(submission)
-            except (SubmitError, TickError) as exc:  # the cluster is away, say: try again next step
+            except ClusterUnreachable as exc:  # the other jobs would fail the same way
+                log.error("cluster_unreachable", job=job.name, error=str(exc), hint="retrying at the next step")
+                break
+            except (SubmitError, TickError) as exc:
                 log.error("tick_failed", job=job.name, error=str(exc))
         return submitted
 
@@ -182,7 +190,7 @@ class Scheduler:
         plan = plan_tick(job.cron, state.settled_until, now, job.deadline)
         for tick, reason in plan.missed:
             log.warning("tick_missed", job=job.name, tick=tick_iso(tick), reason=reason)
-            state.settled_until = max(state.settled_until, tick)
+            state.settled_until = tick  # oldest first, all after settled_until (a max() would compare wall times)
         if plan.start is None:
             return None
         tick = plan.start
@@ -217,7 +225,7 @@ class Scheduler:
                 state.blocked = tick
             return False
         for submission_id in active:  # replace
-            self.client.stop_job(submission_id)
+            stop_job(self.client, submission_id)
             log.info("run_replaced", job=job.name, tick=tick_iso(tick), stopped=submission_id)
         return True
 
@@ -229,11 +237,14 @@ class Scheduler:
         return max(MIN_WAIT_S, min(self.poll_seconds, (next_tick - now).total_seconds()))
 
     def run_forever(self, stop: threading.Event) -> None:
-        self.recover()
-        while not stop.is_set():
+        while not stop.is_set():  # the first step recovers the state from Ray
             self.step()
             self.clock.wait(self.seconds_to_next_step(), stop)
         log.info("scheduler_stopped")
+
+
+def _failure_event(exc: SubmitError) -> str:
+    return "cluster_unreachable" if isinstance(exc, ClusterUnreachable) else "recover_failed"
 
 
 def stop_on_signals() -> threading.Event:

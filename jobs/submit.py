@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+import requests
 import structlog
 import yaml
 
@@ -60,6 +61,10 @@ class BadRequest(SubmitError):
 
 class AlreadySubmitted(BadRequest):
     """A job with this submission id exists on the cluster already."""
+
+
+class ClusterUnreachable(SubmitError):
+    """The cluster did not answer (the head is down or restarting, a network blip): try again later."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,16 @@ def _explicit_address():
         yield
     finally:
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def cluster_call(what: str):
+    """Around every call that goes over HTTP to the cluster: Ray's client lets requests'
+    exceptions through as they are, and a scheduler must see them as one error it can retry."""
+    try:
+        yield
+    except (requests.RequestException, ConnectionError) as exc:
+        raise ClusterUnreachable(f"cannot reach the cluster to {what}: {exc}") from None
 
 
 def is_loopback(address: str) -> bool:
@@ -250,12 +265,13 @@ def submit_spec(
 
 def submit_job(client, *, submission_id: str, **kwargs) -> None:
     """`client.submit_job`, with Ray's refusal of a taken submission id as AlreadySubmitted."""
-    try:
-        client.submit_job(submission_id=submission_id, **kwargs)
-    except RuntimeError as exc:
-        if "already exists" in str(exc):
-            raise AlreadySubmitted(f"a job with submission id {submission_id} exists already") from None
-        raise SubmitError(f"the cluster refused the job: {exc}") from None
+    with cluster_call(f"submit {submission_id}"):
+        try:
+            client.submit_job(submission_id=submission_id, **kwargs)
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                raise AlreadySubmitted(f"a job with submission id {submission_id} exists already") from None
+            raise SubmitError(f"the cluster refused the job: {exc}") from None
 
 
 # --- following jobs ------------------------------------------------------------------------
@@ -263,12 +279,13 @@ def submit_job(client, *, submission_id: str, **kwargs) -> None:
 
 def find_job(client, submission_id: str):
     """The job's details, or None if the cluster has no job with this id."""
-    try:
-        return client.get_job_info(submission_id)
-    except RuntimeError as exc:
-        if "does not exist" in str(exc):
-            return None
-        raise SubmitError(f"cannot ask the cluster about {submission_id}: {exc}") from None
+    with cluster_call(f"ask about {submission_id}"):
+        try:
+            return client.get_job_info(submission_id)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise SubmitError(f"cannot ask the cluster about {submission_id}: {exc}") from None
 
 
 def job_info(client, submission_id: str):
@@ -293,7 +310,8 @@ def wait_until_done(client, submission_id: str, poll_s: float = 2.0, timeout_s: 
 
 def job_logs(client, submission_id: str) -> str:
     job_info(client, submission_id)  # a clear error for an unknown id
-    return client.get_job_logs(submission_id)
+    with cluster_call(f"read the logs of {submission_id}"):
+        return client.get_job_logs(submission_id)
 
 
 def follow_logs(client, submission_id: str, write) -> None:
@@ -310,12 +328,21 @@ def follow_logs(client, submission_id: str, write) -> None:
 def stop_job(client, submission_id: str) -> bool:
     """True if the job was running and is being stopped, False if it had ended already."""
     job_info(client, submission_id)
-    return bool(client.stop_job(submission_id))
+    with cluster_call(f"stop {submission_id}"):
+        try:
+            return bool(client.stop_job(submission_id))
+        except RuntimeError as exc:
+            raise SubmitError(f"the cluster did not stop {submission_id}: {exc}") from None
 
 
 def tessera_jobs(client, job_name: str | None = None, include_all: bool = False) -> list:
     """Submitted jobs, oldest first: ours (with tessera metadata) unless `include_all`."""
-    jobs = [j for j in client.list_jobs() if j.submission_id]
+    with cluster_call("list its jobs"):
+        try:
+            listed = client.list_jobs()
+        except RuntimeError as exc:  # an answer other than 200 (a head still starting, a proxy's 502)
+            raise SubmitError(f"cannot list the cluster's jobs: {exc}") from None
+    jobs = [j for j in listed if j.submission_id]
     if not include_all:
         jobs = [j for j in jobs if (j.metadata or {}).get(META_JOB)]
     if job_name:

@@ -57,22 +57,55 @@ class CronSchedule:
         return cls(schedule.cron, tz)
 
     def latest_at_or_before(self, moment: datetime) -> datetime:
-        # croniter's get_prev is strictly before its start: start a hair later to include `moment`.
-        start = moment.astimezone(self.tz) + timedelta(microseconds=1)
-        return croniter(self.cron, start).get_prev(datetime)
+        tick = self._cron_at_or_before(moment)
+        while self._repeats_wall_time(tick):
+            tick = self._cron_at_or_before(_utc(tick) - timedelta(microseconds=1))
+        return tick
 
     def next_after(self, moment: datetime) -> datetime:
-        return croniter(self.cron, moment.astimezone(self.tz)).get_next(datetime)
+        iterator = croniter(self.cron, moment.astimezone(self.tz))
+        tick = self._local(iterator.get_next(datetime))
+        while self._repeats_wall_time(tick):
+            tick = self._local(iterator.get_next(datetime))
+        return tick
 
     def ticks_between(self, after: datetime, until: datetime, limit: int = MAX_MISSED_TICKS + 1) -> list[datetime]:
         """Ticks in (after, until], oldest first; at most the newest `limit` of them."""
+        # Compared and stepped in UTC: two aware datetimes of one timezone compare by wall
+        # time, so the two passes of a fall-back hour would look like one.
         ticks: list[datetime] = []
         tick = self.latest_at_or_before(until)
-        iterator = croniter(self.cron, tick)
-        while tick > after and len(ticks) < limit:
+        while _utc(tick) > _utc(after) and len(ticks) < limit:
             ticks.append(tick)
-            tick = iterator.get_prev(datetime)
+            tick = self.latest_at_or_before(_utc(tick) - timedelta(microseconds=1))
         return ticks[::-1]
+
+    def _cron_at_or_before(self, moment: datetime) -> datetime:
+        # croniter's get_prev is strictly before its start: start a hair later (in UTC: wall-clock
+        # arithmetic would jump the fall-back hour) to include `moment`. From inside a fall-back
+        # hour it can land a day early, so walk forward from there.
+        moment = _utc(moment)
+        tick = croniter(self.cron, (moment + timedelta(microseconds=1)).astimezone(self.tz)).get_prev(datetime)
+        forward = croniter(self.cron, tick)
+        while _utc(following := forward.get_next(datetime)) <= moment:
+            tick = following
+        return self._local(tick)
+
+    def _local(self, tick: datetime) -> datetime:
+        """The tick with its fold set from its real instant (croniter's own fold is unreliable)."""
+        return _utc(tick).astimezone(self.tz)
+
+    def _repeats_wall_time(self, tick: datetime) -> bool:
+        """The second pass of a fall-back hour for a schedule at fixed hours: that wall time ran
+        already, an hour ago (as in cron: `30 2 * * *` runs once). Schedules with a wildcard hour
+        run every real hour, the repeated one too."""
+        fields = self.cron.split()
+        wildcard_hour = self.cron == "@hourly" or (len(fields) >= 5 and fields[1].startswith("*"))
+        return not wildcard_hour and tick.fold == 1 and tick.replace(fold=0).utcoffset() != tick.utcoffset()
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc)
 
 
 def tick_stamp(tick: datetime) -> str:

@@ -6,7 +6,9 @@ for a tick and reads the day's results back.
 
 from __future__ import annotations
 
+import copy
 import json
+import socket
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
@@ -79,6 +81,21 @@ def test_a_daylight_saving_night_has_one_tick():
     # 2026-03-29 02:30 does not exist in Berlin: the day still gets exactly one run.
     ticks = cron.ticks_between(at("2026-03-28T12:00:00"), at("2026-03-30T12:00:00"))
     assert len(ticks) == 2 and ticks[0].date().isoformat() == "2026-03-29"
+
+
+def test_a_fall_back_night_runs_a_fixed_time_once():
+    cron = CronSchedule.from_spec(ScheduleSpec(cron="30 2 * * *", timezone="Europe/Berlin"))
+    # 2026-10-25 02:30 happens twice in Berlin (CEST, then CET an hour later): it runs at the first.
+    ticks = cron.ticks_between(at("2026-10-24T12:00:00"), at("2026-10-26T12:00:00"))
+    assert [t.isoformat() for t in ticks] == ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"]
+    assert cron.latest_at_or_before(at("2026-10-25T01:40:00")).isoformat() == "2026-10-25T02:30:00+02:00"
+    assert cron.next_after(at("2026-10-25T00:40:00")).isoformat() == "2026-10-26T02:30:00+01:00"
+    # A schedule with a wildcard hour runs every real hour, the repeated one too (as cron does).
+    half_hourly = CronSchedule.from_spec(ScheduleSpec(cron="*/30 * * * *", timezone="Europe/Berlin"))
+    repeated = half_hourly.ticks_between(at("2026-10-24T23:45:00"), at("2026-10-25T01:45:00"))
+    assert [t.isoformat() for t in repeated] == [
+        "2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00", "2026-10-25T02:00:00+01:00", "2026-10-25T02:30:00+01:00",
+    ]
 
 
 def test_plan_starts_the_latest_due_tick_and_misses_the_rest():
@@ -212,6 +229,42 @@ def test_exactly_one_submission_per_tick(client):
     assert launch.launched == [f"{name}-20261122T030000Z", f"{name}-20261122T030500Z", f"{name}-20261122T031000Z"]
     assert sorted(runs_on_cluster(client, name)) == launch.launched
     assert len(seen) > len(launch.launched)  # it looked more often than it submitted
+    stop_all(client, name)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection there is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_cluster_blip_is_logged_and_the_scheduler_goes_on(client):
+    name = "blip"
+    clock = FakeClock(at("2026-11-22T02:58:00"))
+    launch = shell_launcher(client, "true")
+    away = copy.copy(client)  # the same client, pointed where no head answers
+    away._address = f"http://127.0.0.1:{closed_port()}"
+    scheduler = Scheduler([ScheduledJob.from_spec(make_spec(name, concurrency_policy="allow"))], away,
+                          clock=clock, launch=launch, poll_seconds=60)
+    outage = {at("2026-11-22T03:05:00")}  # besides the first step: the tick's own step finds the head away
+    stop = threading.Event()
+
+    def wait(seconds, _stop):
+        clock.current += timedelta(seconds=seconds)
+        scheduler.client = away if clock.current in outage else client
+        if clock.current >= at("2026-11-22T03:07:00"):
+            stop.set()
+
+    clock.wait = wait
+    with capture_logs() as logs:
+        scheduler.run_forever(stop)
+    unreachable = events(logs, "cluster_unreachable")
+    assert len(unreachable) == 2 and "job" not in unreachable[0] and unreachable[1]["job"] == name
+    assert "cannot reach the cluster" in unreachable[0]["error"]
+    # Recovered at 02:59, submitted 03:00 on time and 03:05 a minute late, once each.
+    assert launch.launched == [f"{name}-20261122T030000Z", f"{name}-20261122T030500Z"]
+    assert [e["late_s"] for e in events(logs, "tick_submitted")] == [0.0, 60.0]
     stop_all(client, name)
 
 
