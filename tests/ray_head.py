@@ -117,11 +117,17 @@ class RayHead:
             f"--temp-dir={self.temp_dir}",
         ]
         self.log_path = self.temp_dir / "ray-start.log"
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self._wait_for_job_api(timeout_s)
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            self._wait_for_job_api(timeout_s)
+        except BaseException:
+            # Fixtures call start() before their try: a head that failed to come up (or a
+            # Ctrl-C while waiting) must not leave its raylet and GCS behind.
+            self.stop()
+            raise
         return self
 
     def _wait_for_job_api(self, timeout_s: float) -> None:
@@ -141,7 +147,6 @@ class RayHead:
             except requests.RequestException as exc:
                 last_error = str(exc)
             time.sleep(1)
-        self.stop()
         raise RuntimeError(f"the Ray head did not answer at {self.dashboard_url}: {last_error}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
