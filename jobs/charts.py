@@ -266,7 +266,8 @@ def _rebin(spans: list[tuple[float, float, float]], end: float, bins: int) -> li
     return [(i * width, (i + 1) * width, count / width) for i, count in enumerate(rows_in_bin)]
 
 
-def throughput_chart(timeline: list[list[float]], wall_s: float, mean: float | None = None) -> Scene:
+def throughput_chart(timeline: list[list[float]], wall_s: float, mean: float | None = None,
+                     empty: str = "no rows were committed") -> Scene:
     scene = Scene("throughput", "Throughput over time: rows committed per second", height=300)
     left, right, top, bottom = 64, WIDTH - 24, 30, 300 - 44
     series = throughput_series(timeline, wall_s) if timeline else []
@@ -289,7 +290,7 @@ def throughput_chart(timeline: list[list[float]], wall_s: float, mean: float | N
     scene.add(Label(left - 8, 10, "rows/s", size=11, fill=MUTED, anchor="end", cls="axis-title"))
     scene.add(Label(right, bottom + 34, "time since the run started", size=11, fill=MUTED, anchor="end", cls="axis-title"))
     if not series:
-        scene.add(Label((left + right) / 2, (top + bottom) / 2, "no rows were committed", fill=MUTED, anchor="middle"))
+        scene.add(Label((left + right) / 2, (top + bottom) / 2, empty, fill=MUTED, anchor="middle"))
         return scene
     steps = [(sx(0), sy(series[0][2]))]
     for start, stop, rate in series:

@@ -67,17 +67,22 @@ def _summary_uris(output_path: str, storage_spec: StorageSpec | None) -> list[st
 def render_png(summary: dict) -> bytes:
     """The main chart, with a heading so that the image stands on its own."""
     scene = _throughput(summary)
-    heading = f"{summary['job']} · run {summary['run_id']} · throughput over time"
+    heading = f"{summary.get('job', '?')} · run {summary.get('run_id', '?')} · throughput over time"
     return charts.with_heading(scene, heading, _headline(summary)).to_png()
 
 
 def _throughput(summary: dict) -> charts.Scene:
+    # An aborted run's summary has no timeline: "no rows were committed" would be untrue.
+    empty = "no timeline: the run aborted" if summary.get("aborted") else "no rows were committed"
     return charts.throughput_chart(
-        summary.get("timeline") or [], summary.get("wall_s") or 0.0, summary.get("throughput_rows_per_s")
+        summary.get("timeline") or [], summary.get("wall_s") or 0.0, summary.get("throughput_rows_per_s"), empty=empty
     )
 
 
 def _headline(summary: dict) -> str:
+    if reason := summary.get("aborted"):
+        reason = reason if len(reason) <= 90 else reason[:89] + "…"
+        return f"ABORTED after {charts.fmt_duration(summary.get('wall_s') or 0)}: {reason}"
     rate = summary.get("throughput_rows_per_s") or 0
     return (
         f"{summary.get('rows_out', 0):,} rows in {charts.fmt_duration(summary.get('wall_s') or 0)} "
@@ -87,10 +92,8 @@ def _headline(summary: dict) -> str:
 
 def render_html(summary: dict) -> str:
     esc = html.escape
-    title = f"tessera · {summary['job']} · run {summary['run_id']}"
-    sections = [
-        _header(summary),
-        _kpis(summary),
+    title = f"tessera · {summary.get('job', '?')} · run {summary.get('run_id', '?')}"
+    chart_cards = [
         _chart_card(
             "Throughput over time",
             "Rows committed per second. Results are committed a file at a time, so each file's rows "
@@ -109,8 +112,13 @@ def render_html(summary: dict) -> str:
             "Infer is per generate() batch, so it holds the whole batch. Log scale.",
             charts.latency_chart(summary.get("latency_ms") or {}),
         ),
-        _details(summary),
     ]
+    if summary.get("aborted"):
+        # Only what the aborted run's summary holds: empty charts would read as "nothing happened".
+        present = [key in summary for key in ("timeline", "errors_by_code", "latency_ms")]
+        sections = [_header(summary), _aborted(summary), *[card for card, shown in zip(chart_cards, present) if shown], _details(summary)]
+    else:
+        sections = [_header(summary), _kpis(summary), *chart_cards, _details(summary)]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -118,7 +126,7 @@ def render_html(summary: dict) -> str:
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
         + "\n".join(sections)
         + f"\n<footer>Made by <code>tessera report</code> on {generated} from "
-        f"<code>{esc(str(summary.get('output', {}).get('path', '')))}/_runs/{esc(summary['run_id'])}/summary.json</code>.</footer>\n"
+        f"<code>{esc(str((summary.get('output') or {}).get('path', '')))}/_runs/{esc(str(summary.get('run_id', '?')))}/summary.json</code>.</footer>\n"
         "</main>\n</body>\n</html>\n"
     )
 
@@ -126,20 +134,23 @@ def render_html(summary: dict) -> str:
 def _header(summary: dict) -> str:
     esc = html.escape
     invariant = summary.get("invariant") or {}
-    holds = bool(invariant.get("ok"))
-    badge = (
+    holds = bool(invariant.get("ok")) and not summary.get("aborted")
+    badge = "Aborted: the run stopped before its end; no invariant check" if summary.get("aborted") else (
         f"Invariant holds: {invariant.get('rows_in', 0):,} rows in = {invariant.get('rows_out', 0):,} rows out, each id once"
         if holds
         else f"Invariant BROKEN: {invariant.get('rows_in', 0):,} rows in, {invariant.get('rows_out', 0):,} rows out, "
         f"{invariant.get('missing', 0):,} ids without a row, {invariant.get('ids_written_twice', 0):,} ids written twice"
     )
     model = summary.get("model") or {}
+    meta = [f"run <code>{esc(str(summary.get('run_id', '?')))}</code>", esc(_when(summary.get("started_at")))]
+    if "wall_s" in summary:
+        meta.append(esc(charts.fmt_duration(summary["wall_s"] or 0)))
+    if model or not summary.get("aborted"):  # an aborted run's summary may not name its model
+        meta.append(f"model <code>{esc(str(model.get('uri', '?')))}</code> rev <code>{esc(str(model.get('revision', '?')))}</code>")
     return (
         "<header>\n<p class=\"eyebrow\">tessera run report</p>\n"
-        f"<h1>{esc(summary['job'])}</h1>\n"
-        f"<p class=\"meta\">run <code>{esc(summary['run_id'])}</code> · {esc(_when(summary.get('started_at')))} · "
-        f"{esc(charts.fmt_duration(summary.get('wall_s') or 0))} · model <code>{esc(str(model.get('uri', '?')))}</code>"
-        f" rev <code>{esc(str(model.get('revision', '?')))}</code></p>\n"
+        f"<h1>{esc(str(summary.get('job', '?')))}</h1>\n"
+        f"<p class=\"meta\">{' · '.join(meta)}</p>\n"
         f"<p class=\"badge {'ok' if holds else 'broken'}\">{esc(badge)}</p>\n</header>"
     )
 
@@ -166,6 +177,15 @@ def _kpis(summary: dict) -> str:
     return "<section class=\"kpis\">\n" + "\n".join(items) + "\n</section>"
 
 
+def _aborted(summary: dict) -> str:
+    return (
+        "<section class=\"card\" id=\"aborted\">\n<h2>Why the run stopped</h2>\n"
+        f"<p class=\"reason\">{html.escape(str(summary['aborted']))}</p>\n"
+        "<p class=\"note\">Files it committed before the stop are kept and count as results; a rerun of the "
+        "same spec resumes from them (only rows without a committed result run again).</p>\n</section>"
+    )
+
+
 def _skipped(summary: dict) -> str:
     skipped = summary.get("skipped") or 0
     return f" · {skipped:,} done by earlier runs" if skipped else ""
@@ -187,17 +207,21 @@ def _details(summary: dict) -> str:
     rows = [
         ("Started", _when(summary.get("started_at"))),
         ("Finished", _when(summary.get("finished_at"))),
-        ("Model", f"{model.get('uri')} ({model.get('type')}), revision {model.get('revision')}"),
+        ("Model", f"{model.get('uri')} ({model.get('type')}), revision {model.get('revision')}" if model else None),
         ("Spec sha256", summary.get("spec_sha256")),
         ("Prompt sha256", summary.get("prompt_sha256")),
-        ("Plan", ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in plan.items())),
-        ("Pixels to the model", _bytes(summary.get("pixel_bytes_to_actor") or 0) + " (uint8, through the object store)"),
+        ("Plan", ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in plan.items()) or None),
+        ("Pixels to the model", _bytes(summary["pixel_bytes_to_actor"]) + " (uint8, through the object store)"
+         if "pixel_bytes_to_actor" in summary else None),
         ("Latency p50 / p95", "; ".join(
             f"{charts.STAGE_LABELS.get(stage, stage)} {_ms(q.get('p50'))} / {_ms(q.get('p95'))}" for stage, q in latency.items()
         )),  # fmt: skip
-        ("Duplicate ids", f"{duplicates.get('count', 0):,}" + _examples(duplicates.get("listed") or [])),
+        ("Duplicate ids", f"{duplicates.get('count', 0):,}" + _examples(duplicates.get("listed") or [])
+         if "manifest.duplicate_id" in summary or "duplicates" in summary else None),
         ("Results", output.get("run_dir")),
     ]
+    if summary.get("aborted"):  # only what its summary holds, not a column of dashes
+        rows = [(label, value) for label, value in rows if value not in (None, "", "–")]
     body = "\n".join(
         f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(value) if value is not None else '–')}</td></tr>"
         for label, value in rows
@@ -259,6 +283,7 @@ code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; colo
 .badge { display: inline-block; margin: 0; padding: 4px 12px; border-radius: 999px; font-size: 13px; font-weight: 600; }
 .badge.ok { background: #dcfce7; color: var(--ok); }
 .badge.broken { background: #ffedd5; color: var(--bad); }
+.reason { margin: 0 0 8px; color: var(--bad); font-weight: 600; overflow-wrap: anywhere; }
 .kpis { display: grid; grid-template-columns: repeat(3, 1fr); gap: 12px; margin-bottom: 16px; }
 .kpi { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; }
 .kpi .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .06em; }

@@ -19,6 +19,9 @@ def _fmt_ms(value) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    if summary.get("aborted"):
+        print_aborted(summary)
+        return
     echo = click.echo
     inv = summary["invariant"]
     mark = "holds" if inv["ok"] else "BROKEN"
@@ -52,3 +55,17 @@ def print_summary(summary: dict) -> None:
     else:
         echo(f"  read it     tessera results {path}")
         echo(f"  or in SQL   SELECT status, error_code, count(*) FROM read_parquet('{path}/**/*.parquet') GROUP BY ALL")
+
+
+def print_aborted(summary: dict) -> None:
+    """A run that stopped early wrote only why and when (pipeline/run.py aborted_summary; older
+    ones only job, run id and the reason): say that, and what to do next."""
+    echo = click.echo
+    echo("")
+    echo(f"tessera · {summary.get('job', '?')} · run {summary.get('run_id', '?')} · ABORTED")
+    echo(f"  why         {summary['aborted']}")
+    if summary.get("started_at"):
+        echo(f"  ran         {summary['started_at']} for {summary.get('wall_s') or 0:.1f} s")
+    echo("  results     what it committed before the stop is kept; a rerun of the spec resumes from there")
+    if run_dir := (summary.get("output") or {}).get("run_dir"):
+        echo(f"  committed   {run_dir}")

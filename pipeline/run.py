@@ -121,16 +121,19 @@ def run_job(
         model=model.uri, revision=model.revision, plan=plan.__dict__,
     )
     ds = build_dataset(spec, run_id, files, model, task, plan, policy, committed, limit)
+    streaming = time.time()
     try:
         totals, timeline = stream(ds, spec, started, bound)
     except ErrorBudgetExceeded as exc:
-        write_run_record(spec, run_id, "summary.json", {"job": spec.name, "run_id": run_id, "aborted": str(exc)})
+        write_run_record(spec, run_id, "summary.json", aborted_summary(spec, run_id, str(exc), started))
         bound.error("error_budget_exceeded", reason=str(exc))
         raise
+    streamed = time.time()
 
     bound.info("verifying", hint="counting distinct manifest ids against the rows committed")
     verified = verify(spec, run_id, files, committed, policy, limit, plan.shuffle_partitions)
-    summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started)
+    summary = build_summary(spec, run_id, model, task.prompt_sha256, plan, totals, timeline, verified, started,
+                            stream_window=(streaming, streamed))
     summary["mode"] = "redrive" if redrive_codes is not None else spec.output.mode
     write_run_record(spec, run_id, "summary.json", summary)
     storage.remove(staging_dir(spec.output.path, run_id), spec.storage, recursive=True)
@@ -289,14 +292,23 @@ def _still_current(rows: list[dict], policy: ResumePolicy) -> bool:
     return all((row["prompt_sha256"], row["model"], row["model_revision"]) == key for row in rows)
 
 
-def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started) -> dict:
-    wall = time.time() - started
+def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started,
+                  stream_window: tuple[float, float]) -> dict:
+    finished = time.time()
+    wall = finished - started
+    streaming, streamed = stream_window
     return {
         "job": spec.name,
         "run_id": run_id,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
         "wall_s": round(wall, 3),
+        # prepare: model, Ray, manifests, plan; stream: the Ray Data job; verify: the invariant check.
+        "phases_s": {
+            "prepare": round(streaming - started, 3),
+            "stream": round(streamed - streaming, 3),
+            "verify": round(finished - streamed, 3),
+        },
         "rows_in": verified["rows_in"],
         "rows_out": verified["rows_out"],
         "processed": totals.rows,
@@ -325,6 +337,20 @@ def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, 
         "prompt_sha256": prompt_sha256,
         "spec_sha256": spec_hash(spec),
         "plan": plan.__dict__,
+        "output": {"path": spec.output.path, "run_dir": run_dir(spec.output.path, run_id)},
+    }
+
+
+def aborted_summary(spec: JobSpec, run_id: str, reason: str, started: float) -> dict:
+    """What a run that stopped early can say: why, and when (so `tessera report` finds it as
+    the latest run). Its committed files stay; the next run resumes from them."""
+    return {
+        "job": spec.name,
+        "run_id": run_id,
+        "aborted": reason,
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_s": round(time.time() - started, 3),
         "output": {"path": spec.output.path, "run_dir": run_dir(spec.output.path, run_id)},
     }
 

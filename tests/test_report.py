@@ -107,6 +107,38 @@ def test_cli_prints_the_table_and_the_paths(tmp_path):
     assert missing.exit_code == 2 and "no run summaries" in missing.output
 
 
+REASON = ("1000 of the last 1000 rows failed with fetch.* errors (100% > output.max_error_rate 20%); "
+          "most of them fetch.not_found (1000). Stopping; committed results are kept and a rerun resumes.")
+
+
+def an_aborted_summary(run_id: str = "20261123T000000Z-abcdef") -> dict:
+    """What pipeline/run.py writes when the error budget stops a run."""
+    import time
+
+    from pipeline.run import aborted_summary
+    from schemas.spec import parse_spec
+
+    spec = parse_spec({"name": "demo-moderation", "input": {"manifest": "m.jsonl"}, "output": {"path": "/data/out/demo"},
+                       "task": {"preset": "moderation"}})
+    return aborted_summary(spec, run_id, REASON, time.time() - 42)
+
+
+def test_an_aborted_run_reads_as_aborted_and_says_why(tmp_path):
+    for summary in (an_aborted_summary(), {"job": "demo-moderation", "run_id": "old-abort", "aborted": REASON}):
+        page = render_html(summary)
+        assert "Aborted" in page and html.escape(REASON) in page and "Invariant holds" not in page
+        assert "data-chart" not in page  # no data: no empty charts that read as "nothing happened"
+    write_summary(tmp_path, a_summary())
+    write_summary(tmp_path, an_aborted_summary())  # started after the finished run: the latest
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "ABORTED" in result.output and REASON in result.output and "rerun" in result.output
+    assert "report.png" in result.output
+    write_summary(tmp_path, {"job": "demo-moderation", "run_id": "old-abort", "aborted": REASON})
+    old = CliRunner().invoke(cli, ["report", str(tmp_path), "--run", "old-abort"])
+    assert old.exit_code == 0 and REASON in old.output
+
+
 # A script added to a copy of the page: measures every chart as the browser laid it out and
 # writes the numbers into the DOM, which --dump-dom prints.
 _MEASURE = """
