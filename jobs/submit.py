@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
 import secrets
 import shlex
 import shutil
+import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ log = structlog.get_logger("tessera")
 
 PACKAGES = ("schemas", "pipeline", "actors", "jobs")
 SPEC_FILE = "tessera-job.yaml"
+SCHEMA_FILE = "tessera-output-schema.json"
 ACTIVE = frozenset({"PENDING", "RUNNING"})
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 META_JOB, META_RUN_ID, META_TICK, META_OUTPUT = "tessera.job", "tessera.run_id", "tessera.tick", "tessera.output"
@@ -207,8 +211,9 @@ def entrypoint_for(run_id: str, tick: datetime | None, env_file: bool) -> str:
 
 
 def build_working_dir(directory: Path, spec: JobSpec, *, ship_code: bool, forwarded: dict[str, str]) -> None:
-    """The job's working dir: the spec, our packages (unless the image's are to be used), and
-    the forwarded variables (only when asked for)."""
+    """The job's working dir: the spec, a custom output schema, our packages (unless the image's
+    are to be used), and the forwarded variables (only when asked for)."""
+    spec = ship_output_schema(directory, spec)
     (directory / SPEC_FILE).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     if ship_code:
         for package in PACKAGES:
@@ -216,6 +221,42 @@ def build_working_dir(directory: Path, spec: JobSpec, *, ship_code: bool, forwar
             shutil.copytree(source, directory / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     if forwarded:
         forward_env.write_env_file(directory, forwarded)
+
+
+def ship_output_schema(directory: Path, spec: JobSpec) -> JobSpec:
+    """A custom `task.output_schema` lives beside the spec, not on the cluster: copy it into the
+    working dir, where the job's driver runs and the schema loader looks (schemas/tasks.py).
+    A JSON Schema file goes as SCHEMA_FILE; a `module:Model` as the module's source, unless it
+    comes from an installed package (the cluster's image provides those)."""
+    ref = spec.task.output_schema
+    if not ref:
+        return spec
+    if ref.endswith(".json") or Path(ref).is_file():
+        shutil.copyfile(ref, directory / SCHEMA_FILE)
+        spec = spec.model_copy(deep=True)
+        spec.task.output_schema = SCHEMA_FILE
+        return spec
+    source = _module_source(ref.partition(":")[0])
+    if source is not None:
+        copy = shutil.copytree if source.is_dir() else shutil.copyfile
+        copy(source, directory / source.name)
+    return spec
+
+
+def _module_source(module_name: str) -> Path | None:
+    """The file (or top-level package folder) of a user's schema module, already imported when
+    the spec was loaded (jobs.cli resolves the task); None for an installed package."""
+    top = module_name.partition(".")[0]
+    if top in PACKAGES:  # ours: shipped with the code, or in the cluster's image
+        return None
+    module = sys.modules.get(top)
+    origin = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(top), "origin", None)
+    if origin is None:
+        return None
+    path = Path(origin).resolve()
+    source = path.parent if path.name == "__init__.py" else path
+    installed = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    return None if any(source.is_relative_to(root) for root in installed) else source
 
 
 def runtime_env_for(directory: Path, *, forwarded: bool) -> dict:

@@ -267,6 +267,36 @@ def test_working_dir_carries_code_and_the_spec_only(tmp_path):
     assert [p.name for p in code_less.iterdir()] == [SPEC_FILE]
 
 
+def test_working_dir_carries_a_custom_output_schema(tmp_path):
+    """A user's schema lives beside the spec, not on the cluster: it travels with the job."""
+    from jobs.submit import SCHEMA_FILE
+
+    import custom_output  # noqa: F401  (tests/: imported as the CLI imports it when loading the spec)
+
+    base = {"name": "wd", "input": {"manifest": "s3://b/m.jsonl"}, "output": {"path": "s3://b/out"}}
+    module_spec = parse_spec({**base, "task": {"prompt": "Describe.", "output_schema": "custom_output:ProductListing"}})
+    with_module = tmp_path / "module"
+    with_module.mkdir()
+    build_working_dir(with_module, module_spec, ship_code=False, forwarded={})
+    assert sorted(p.name for p in with_module.iterdir()) == sorted(["custom_output.py", SPEC_FILE])
+    assert load_spec(with_module / SPEC_FILE).task.output_schema == "custom_output:ProductListing"
+
+    schema_file = tmp_path / "listing.json"
+    schema_file.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    file_spec = parse_spec({**base, "task": {"prompt": "Describe.", "output_schema": str(schema_file)}})
+    with_file = tmp_path / "file"
+    with_file.mkdir()
+    build_working_dir(with_file, file_spec, ship_code=False, forwarded={})
+    assert load_spec(with_file / SPEC_FILE).task.output_schema == SCHEMA_FILE
+    assert json.loads((with_file / SCHEMA_FILE).read_text()) == json.loads(schema_file.read_text())
+
+    installed = parse_spec({**base, "task": {"prompt": "Describe.", "output_schema": "schemas.presets:Caption"}})
+    with_installed = tmp_path / "installed"
+    with_installed.mkdir()
+    build_working_dir(with_installed, installed, ship_code=False, forwarded={})
+    assert [p.name for p in with_installed.iterdir()] == [SPEC_FILE]
+
+
 def test_entrypoint_is_the_documented_run_command():
     assert entrypoint_for("R1", None, env_file=False) == f"python -m jobs.cli run {SPEC_FILE} --run-id R1"
     from datetime import datetime, timezone
