@@ -18,7 +18,10 @@ from actors.predictor import Predictor
 from pipeline import storage
 from pipeline.manifests import ManifestDatasource
 from pipeline.prepare import PrepareContext, prepare_batch
-from pipeline.resume import COMMITTED_COLUMNS, ResumePolicy, committed_to_union, decide, manifest_to_union
+from pipeline.resume import (
+    COMMITTED_COLUMNS, RESULT_FILES_PER_READ_TASK, CommittedColumns, ResumePolicy, committed_to_union, decide,
+    manifest_to_union,
+)
 from pipeline.sink import SinkContext, commit_batch
 from schemas.spec import JobSpec
 from schemas.tasks import Task
@@ -185,9 +188,9 @@ def read_manifest(spec: JobSpec, files: list[str], limit: int | None = None) -> 
 
 
 def read_results(files: list[str], storage_spec, columns: list[str]) -> ray.data.Dataset:
-    """Committed result files (local or object storage) as a Ray Dataset of `columns`."""
-    filesystem = storage.arrow_filesystem(files[0], storage_spec)
-    return ray.data.read_parquet([storage.strip_scheme(f) for f in files], columns=columns, filesystem=filesystem)
+    """`columns` of committed result files (local or object storage) as a Ray Dataset."""
+    tasks = math.ceil(len(files) / RESULT_FILES_PER_READ_TASK)
+    return ray.data.read_datasource(CommittedColumns(files, columns, storage_spec), override_num_blocks=tasks)
 
 
 def select_due(

@@ -20,11 +20,14 @@ them. `output.mode: resume` does this; `overwrite` removes earlier results first
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import storage
 from schemas.errors import DUPLICATE_ID, SKIPPED
@@ -178,3 +181,112 @@ def _mark_done_or_due(row: dict, latest: dict, policy: ResumePolicy) -> None:
         row["resume_version"] = latest["c_content_version"]  # the CPU stage decides
         return
     row["error_code"] = SKIPPED
+
+# Committed result files read per task when select and verify read their key columns.
+RESULT_FILES_PER_READ_TASK = 32
+
+
+class CommittedColumns(Datasource):
+    """A few key columns of many result files: RESULT_FILES_PER_READ_TASK files per read task,
+    one block per file. (`ray.data.read_parquet` first lists and samples the files in tasks of
+    its own: 3-5 s per read on a 2-CPU machine, twice per run, for columns this small.)"""
+
+    def __init__(self, files: list[str], columns: list[str], storage_spec):
+        super().__init__()
+        self._files, self._columns, self._storage = files, columns, storage_spec
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        step = RESULT_FILES_PER_READ_TASK
+        groups = [self._files[i : i + step] for i in range(0, len(self._files), step)]
+        return [
+            ReadTask(
+                functools.partial(_read_columns, group, self._columns, self._storage),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=group),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for group in groups
+        ]
+
+    def get_name(self) -> str:
+        return "ReadCommitted"
+
+
+def _read_columns(files: list[str], columns: list[str], storage_spec):
+    for uri in files:
+        yield storage.read_parquet_columns(uri, columns, storage_spec)
+
+
+# --- verify: rows in = rows out, counted from the files (pipeline/run.py drives it) ----------
+# Here, not in run.py, because Ray workers import the module of every function they run, and
+# run.py pulls in torch (seconds per fresh worker).
+
+# Per manifest id: in the manifest; its current rows are this run's; else an earlier run's for
+# the same key; else it has none; current rows of one id beyond the first; rows of ids the
+# manifest does not hold.
+VERIFY_COUNTS = ("rows_in", "written", "already_committed", "missing", "ids_written_twice", "ids_not_in_manifest")
+_MANIFEST, THIS_RUN, EARLIER = 0, 1, 2
+_KEY_COLUMNS = ["run_id", "finished_at", "status", "error_code", "prompt_sha256", "model", "model_revision"]
+VERIFY_COLUMNS = ["id", "manifest_id", *_KEY_COLUMNS]
+_ID_TAGS = pa.schema(
+    [pa.field("manifest_id", pa.string()), pa.field("id", pa.string()), pa.field("kind", pa.int8())]
+    + [pa.field(name, pa.timestamp("ms", tz="UTC") if name == "finished_at" else pa.string()) for name in _KEY_COLUMNS]
+)
+
+
+def tag_manifest_ids(batch: pa.Table) -> pa.Table:
+    n, ids = batch.num_rows, batch.column("id")
+    columns = [ids, ids, pa.array([_MANIFEST] * n, pa.int8())] + [pa.nulls(n, f.type) for f in list(_ID_TAGS)[3:]]
+    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
+
+
+def tag_result_rows(batch: pa.Table, kind: int) -> pa.Table:
+    columns = [batch.column("manifest_id"), batch.column("id"), pa.array([kind] * batch.num_rows, pa.int8())]
+    columns += [batch.column(f.name).cast(f.type) for f in list(_ID_TAGS)[3:]]
+    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
+
+
+def sum_counts(batch: pa.Table) -> pa.Table:
+    return pa.table({name: [int(pc.sum(batch.column(name)).as_py() or 0)] for name in VERIFY_COUNTS})
+
+
+def check_id(group: pa.Table, policy: ResumePolicy) -> pa.Table:
+    """One manifest id: which of its rows are current, and is each row id there exactly once?"""
+    rows = group.to_pylist()
+    mine = [row for row in rows if row["kind"] == THIS_RUN]
+    if not any(row["kind"] == _MANIFEST for row in rows):
+        return _counts(ids_not_in_manifest=int(bool(mine)))  # earlier runs' ids the manifest dropped are fine
+    if mine:
+        return _counts(rows_in=1, written=1, ids_written_twice=_extra(mine))
+    latest = _latest_run_rows([row for row in rows if row["kind"] == EARLIER])
+    if latest and _still_current(latest, policy):
+        return _counts(rows_in=1, already_committed=1, ids_written_twice=_extra(latest))
+    return _counts(rows_in=1, missing=1)
+
+
+def _counts(**values: int) -> pa.Table:
+    return pa.table({name: [values.get(name, 0)] for name in VERIFY_COUNTS})
+
+
+def _extra(rows: list[dict]) -> int:
+    ids = [row["id"] for row in rows]
+    return len(ids) - len(set(ids))
+
+
+def _latest_run_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the latest run that committed this id (several with PDF pages)."""
+    if not rows:
+        return []
+    latest = max(rows, key=lambda row: (row["finished_at"], row["run_id"]))["run_id"]
+    return [row for row in rows if row["run_id"] == latest]
+
+
+def _still_current(rows: list[dict], policy: ResumePolicy) -> bool:
+    """Would this run rightly have skipped an id whose latest rows are these? A re-drive skips
+    all but the error rows it re-drives; a resume skips rows of the same prompt and model."""
+    if policy.redrive:
+        return not any(row["status"] == "error" and policy.redrives(row["error_code"]) for row in rows)
+    key = (policy.prompt_sha256, policy.model_uri, policy.model_revision)
+    return all((row["prompt_sha256"], row["model"], row["model_revision"]) == key for row in rows)

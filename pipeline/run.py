@@ -33,7 +33,10 @@ from actors.constrained import unbounded_paths
 from pipeline import model_cache, storage
 from pipeline.graph import build_dataset, make_plan, manifest_bytes, read_manifest, read_results
 from pipeline.manifests import manifest_files
-from pipeline.resume import ResumePolicy, committed_files
+from pipeline.resume import (
+    EARLIER, THIS_RUN, VERIFY_COLUMNS, VERIFY_COUNTS, ResumePolicy, check_id, committed_files, sum_counts,
+    tag_manifest_ids, tag_result_rows,
+)
 from pipeline.sink import run_dir, staging_dir
 from pipeline.stats import MAX_LISTED_DUPLICATES, STAGES, BatchStats, ErrorBudget, ErrorBudgetExceeded
 from schemas.errors import DUPLICATE_ID
@@ -199,97 +202,28 @@ def verify(
     manifest is read again, this run's folder is listed, and the earlier runs' files (as
     select saw them) cover the ids this run skipped. One hash-partitioned pass, by manifest id."""
     mine = storage.list_files(run_dir(spec.output.path, run_id), spec.storage, suffix=".parquet")
-    tagged = read_manifest(spec, manifests, limit).map_batches(_tag_manifest_ids, batch_format="pyarrow")
-    for files, kind in ((mine, _THIS_RUN), (sorted(set(earlier) - set(mine)), _EARLIER)):
+    tagged = read_manifest(spec, manifests, limit).map_batches(tag_manifest_ids, batch_format="pyarrow")
+    for files, kind in ((mine, THIS_RUN), (sorted(set(earlier) - set(mine)), EARLIER)):
         if files:
-            rows = read_results(files, spec.storage, _VERIFY_COLUMNS)
-            tagged = tagged.union(rows.map_batches(_tag_result_rows, fn_kwargs={"kind": kind}, batch_format="pyarrow"))
+            rows = read_results(files, spec.storage, VERIFY_COLUMNS)
+            tagged = tagged.union(rows.map_batches(tag_result_rows, fn_kwargs={"kind": kind}, batch_format="pyarrow"))
     per_id = tagged.groupby("manifest_id", num_partitions=partitions).map_groups(
-        _check_id, fn_kwargs={"policy": policy}, batch_format="pyarrow"
+        check_id, fn_kwargs={"policy": policy}, batch_format="pyarrow"
     )
     # One small row per block back to the driver (not one per id), summed here.
-    partial = per_id.map_batches(_sum_counts, batch_format="pyarrow", batch_size=None)
+    partial = per_id.map_batches(sum_counts, batch_format="pyarrow", batch_size=None)
     context = ray.data.DataContext.get_current()
     shown, context.enable_progress_bars = context.enable_progress_bars, False  # the job's bars were the story
     try:
-        counts = {name: 0 for name in _COUNTS}
+        counts = {name: 0 for name in VERIFY_COUNTS}
         for row in partial.iter_rows():
-            for name in _COUNTS:
+            for name in VERIFY_COUNTS:
                 counts[name] += row[name]
     finally:
         context.enable_progress_bars = shown
     rows_out = counts["written"] + counts["already_committed"]
     bad = counts["missing"] or counts["ids_written_twice"] or counts["ids_not_in_manifest"]
     return {**counts, "rows_out": rows_out, "ok": counts["rows_in"] == rows_out and not bad}
-
-
-# Per manifest id: in the manifest; its current rows are this run's; else an earlier run's for
-# the same key; else it has none; current rows of one id beyond the first; rows of ids the
-# manifest does not hold.
-_COUNTS = ("rows_in", "written", "already_committed", "missing", "ids_written_twice", "ids_not_in_manifest")
-_MANIFEST, _THIS_RUN, _EARLIER = 0, 1, 2
-_KEY_COLUMNS = ["run_id", "finished_at", "status", "error_code", "prompt_sha256", "model", "model_revision"]
-_VERIFY_COLUMNS = ["id", "manifest_id", *_KEY_COLUMNS]
-_ID_TAGS = pa.schema(
-    [pa.field("manifest_id", pa.string()), pa.field("id", pa.string()), pa.field("kind", pa.int8())]
-    + [pa.field(name, pa.timestamp("ms", tz="UTC") if name == "finished_at" else pa.string()) for name in _KEY_COLUMNS]
-)
-
-
-def _tag_manifest_ids(batch: pa.Table) -> pa.Table:
-    n, ids = batch.num_rows, batch.column("id")
-    columns = [ids, ids, pa.array([_MANIFEST] * n, pa.int8())] + [pa.nulls(n, f.type) for f in list(_ID_TAGS)[3:]]
-    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
-
-
-def _tag_result_rows(batch: pa.Table, kind: int) -> pa.Table:
-    columns = [batch.column("manifest_id"), batch.column("id"), pa.array([kind] * batch.num_rows, pa.int8())]
-    columns += [batch.column(f.name).cast(f.type) for f in list(_ID_TAGS)[3:]]
-    return pa.Table.from_arrays(columns, schema=_ID_TAGS)
-
-
-def _sum_counts(batch: pa.Table) -> pa.Table:
-    return pa.table({name: [int(pa.compute.sum(batch.column(name)).as_py() or 0)] for name in _COUNTS})
-
-
-def _check_id(group: pa.Table, policy: ResumePolicy) -> pa.Table:
-    """One manifest id: which of its rows are current, and is each row id there exactly once?"""
-    rows = group.to_pylist()
-    mine = [row for row in rows if row["kind"] == _THIS_RUN]
-    if not any(row["kind"] == _MANIFEST for row in rows):
-        return _counts(ids_not_in_manifest=int(bool(mine)))  # earlier runs' ids the manifest dropped are fine
-    if mine:
-        return _counts(rows_in=1, written=1, ids_written_twice=_extra(mine))
-    latest = _latest_run_rows([row for row in rows if row["kind"] == _EARLIER])
-    if latest and _still_current(latest, policy):
-        return _counts(rows_in=1, already_committed=1, ids_written_twice=_extra(latest))
-    return _counts(rows_in=1, missing=1)
-
-
-def _counts(**values: int) -> pa.Table:
-    return pa.table({name: [values.get(name, 0)] for name in _COUNTS})
-
-
-def _extra(rows: list[dict]) -> int:
-    ids = [row["id"] for row in rows]
-    return len(ids) - len(set(ids))
-
-
-def _latest_run_rows(rows: list[dict]) -> list[dict]:
-    """The rows of the latest run that committed this id (several with PDF pages)."""
-    if not rows:
-        return []
-    latest = max(rows, key=lambda row: (row["finished_at"], row["run_id"]))["run_id"]
-    return [row for row in rows if row["run_id"] == latest]
-
-
-def _still_current(rows: list[dict], policy: ResumePolicy) -> bool:
-    """Would this run rightly have skipped an id whose latest rows are these? A re-drive skips
-    all but the error rows it re-drives; a resume skips rows of the same prompt and model."""
-    if policy.redrive:
-        return not any(row["status"] == "error" and policy.redrives(row["error_code"]) for row in rows)
-    key = (policy.prompt_sha256, policy.model_uri, policy.model_revision)
-    return all((row["prompt_sha256"], row["model"], row["model_revision"]) == key for row in rows)
 
 
 def build_summary(spec, run_id, model, prompt_sha256, plan, totals: BatchStats, timeline, verified, started,

@@ -35,6 +35,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import s3fs
 from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.core import split_protocol
@@ -631,6 +633,12 @@ def write_bytes(uri: str, data: bytes, storage: StorageSpec | None = None) -> No
 def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
     fs, path = filesystem(uri, storage)
     return _io("reading", uri, storage, lambda: fs.cat_file(path))
+
+
+def read_parquet_columns(uri: str, columns: list[str], storage: StorageSpec | None = None) -> pa.Table:
+    """Only `columns` of one Parquet file (only their column chunks are read), under `storage.retries`."""
+    path, fs = strip_scheme(uri), arrow_filesystem(uri, storage)
+    return _io("reading", uri, storage, lambda: pq.read_table(path, columns=columns, filesystem=fs))
 
 
 def exists(uri: str, storage: StorageSpec | None = None) -> bool:

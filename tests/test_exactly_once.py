@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from jobs.sample import encode_image, synthetic_image
+from pipeline.graph import PREPARE_BATCH_ROWS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -235,8 +236,12 @@ def _descendants_named(fragment: str) -> list[psutil.Process]:
 def test_killed_model_actor_loses_nothing(tmp_path, make_spec, ray_local):
     from pipeline.run import run_job
 
-    manifest = write_corpus(tmp_path / "corpus", 16)
-    spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
+    # Rows reach the actor in blocks of PREPARE_BATCH_ROWS (32), and a block's results leave it
+    # together: with three blocks, the first files commit while the actor holds the next block,
+    # so the kill lands mid-inference (with one block it would only kill an actor done with its work).
+    total = 3 * PREPARE_BATCH_ROWS
+    manifest = write_corpus(tmp_path / "corpus", total)
+    spec = make_spec(manifest, task=free_text(tokens=8), output={"rows_per_file": 8}, model={"batch_size": 8})
     killed, files_at_kill = [], []
 
     def kill_actor():
@@ -250,8 +255,8 @@ def test_killed_model_actor_loses_nothing(tmp_path, make_spec, ray_local):
     watcher.join(timeout=5)
     assert killed, "the model actor was never found to kill"
     assert files_at_kill[0] < len(committed(Path(spec.output.path))), "the run was done before the kill"
-    assert summary["invariant"]["ok"] and summary["rows_out"] == 16
-    assert raw_ids(Path(spec.output.path)) == [f"item-{i:03d}" for i in range(16)]  # in the raw files, once each
+    assert summary["invariant"]["ok"] and summary["rows_out"] == total
+    assert raw_ids(Path(spec.output.path)) == [f"item-{i:03d}" for i in range(total)]  # in the raw files, once each
 
 
 def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
@@ -266,8 +271,9 @@ def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
         cluster.wait_for_nodes()
-        manifest = write_corpus(tmp_path / "corpus", 16)
-        spec = make_spec(manifest, task=free_text(tokens=16), output={"rows_per_file": 2}, model={"batch_size": 2})
+        total = 3 * PREPARE_BATCH_ROWS  # several blocks: the node goes with work still ahead of it
+        manifest = write_corpus(tmp_path / "corpus", total)
+        spec = make_spec(manifest, task=free_text(tokens=8), output={"rows_per_file": 8}, model={"batch_size": 8})
         output = Path(spec.output.path)
         files_at_removal = []
         watcher = when_committed(output, 1, lambda: (files_at_removal.append(len(committed(output))), cluster.remove_node(workers[0])))
@@ -275,8 +281,8 @@ def test_removed_worker_node_loses_nothing(tmp_path, make_spec):
         watcher.join(timeout=30)
         assert files_at_removal, "the worker node was never removed"
         assert files_at_removal[0] < len(committed(output)), "the run was done before the node went"
-        assert summary["invariant"]["ok"] and summary["rows_out"] == 16
-        assert raw_ids(output) == [f"item-{i:03d}" for i in range(16)]  # in the raw files, once each
+        assert summary["invariant"]["ok"] and summary["rows_out"] == total
+        assert raw_ids(output) == [f"item-{i:03d}" for i in range(total)]  # in the raw files, once each
     finally:
         ray.shutdown()
         cluster.shutdown()
