@@ -39,11 +39,12 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def free_port_range(width: int) -> int:
-    """The first port of `width` consecutive ports that are free now (for worker ports)."""
+def free_port_range(width: int, avoid: set[int] = frozenset()) -> int:
+    """The first port of `width` consecutive ports that are free now (for worker ports) and
+    clear of `avoid` (ports already picked for other components, closed again but promised)."""
     for _ in range(50):
         (start,) = free_ports(1)
-        if start + width >= 65535:
+        if start + width >= 65535 or avoid & set(range(start, start + width)):
             continue
         try:
             probes = []
@@ -80,6 +81,10 @@ def short_temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="tessera-ray-"))
 
 
+class PortTaken(RuntimeError):
+    """`ray start` found a port it was given already in use."""
+
+
 @dataclass
 class RayHead:
     temp_dir: Path = field(default_factory=short_temp_dir)
@@ -97,10 +102,22 @@ class RayHead:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def start(self, timeout_s: float = 180.0) -> "RayHead":
+    def start(self, timeout_s: float = 180.0, attempts: int = 3) -> "RayHead":
+        """Start the head; a port taken between picking it and binding it (another test, or
+        the OS handing it out again) makes `ray start` exit at once, so try fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except PortTaken:
+                if attempt == attempts:
+                    raise
+
+    def _start_once(self, timeout_s: float) -> "RayHead":
         (self.gcs_port, self.dashboard_port, agent_http, agent_grpc, client_port, metrics_port,
          runtime_env_port, node_manager, object_manager) = free_ports(9)
-        workers = free_port_range(64)
+        workers = free_port_range(64, avoid={self.gcs_port, self.dashboard_port, agent_http, agent_grpc,
+                                             client_port, metrics_port, runtime_env_port,
+                                             node_manager, object_manager})
         # The session dir is a symlink under temp_dir; keep the path short (Unix sockets).
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         command = [
@@ -138,6 +155,9 @@ class RayHead:
         last_error = "not started"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                tail = self.log_tail()
+                if "is used by other components" in tail or "Address already in use" in tail:
+                    raise PortTaken(tail)
                 raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 response = requests.get(f"{self.dashboard_url}/api/jobs/", timeout=5)
