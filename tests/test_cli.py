@@ -80,24 +80,6 @@ def test_schema_prints_json_schema():
     assert tessera("schema", "no_such_module:Model").returncode == 2
 
 
-@pytest.mark.slow
-def test_run_prints_summary_and_results_reads_it_back(tmp_path, sample_corpus):
-    spec = write_spec(tmp_path, sample_corpus)
-    result = tessera("run", str(spec), "--limit", "4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rows in" in result.stdout and "invariant" in result.stdout and "holds" in result.stdout
-    assert str(tmp_path / "out") in result.stdout
-    log_lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    finished = [line for line in log_lines if line.get("event") == "run_finished"]
-    assert finished and finished[0]["job"] == "cli-job" and finished[0]["run_id"]
-
-    listed = tessera("results", str(tmp_path / "out"), "--format", "jsonl")
-    assert listed.returncode == 0
-    rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
-    assert "row_number()" in tessera("results", str(tmp_path / "out"), "--sql").stdout
-
-
 # --- a user's own output schema, and a bad one ---------------------------------------------
 
 # The console script, not `python -m`: it puts neither the working directory nor the spec's
@@ -140,17 +122,45 @@ def test_bad_output_schema_exits_2_with_a_one_line_error(tmp_path, sample_corpus
             assert len(lines) == 1 and lines[0].startswith("error: task.output_schema") and message in lines[0], lines
 
 
-@pytest.mark.slow
-def test_run_with_a_schema_module_next_to_the_spec(tmp_path, sample_corpus):
-    job = tmp_path / "job"
+@pytest.fixture(scope="module")
+def schema_module_run(tmp_path_factory, sample_corpus):
+    """One `tessera run --limit 3` from another folder, with the output schema a module next
+    to the spec (the Ray workers get the module's code with the task). Two tests read it:
+    a run of a fresh Ray cluster in a subprocess costs a minute on two cores."""
+    work = tmp_path_factory.mktemp("cli-run")
+    job = work / "job"
     job.mkdir()
     (job / "shop_schema.py").write_text(SHOP_SCHEMA)
     spec = write_spec(job, sample_corpus, task={"prompt": "Describe it.", "output_schema": "shop_schema:Listing"})
-    # From elsewhere: the spec's folder is looked in; the Ray workers get the module's code with the task.
     env = {**os.environ, "RAY_ADDRESS": ""}
-    result = subprocess.run([str(TESSERA), "run", str(spec), "--limit", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([str(TESSERA), "run", str(spec), "--limit", "3"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return work, job, result
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_run")
+def test_run_prints_summary_and_results_reads_it_back(schema_module_run):
+    work, job, result = schema_module_run
     assert result.returncode == 0, result.stderr[-3000:]
-    listed = console("results", job / "out", "--format", "jsonl", cwd=tmp_path)
+    assert "rows in" in result.stdout and "invariant" in result.stdout and "holds" in result.stdout
+    assert str(job / "out") in result.stdout
+    log_lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    finished = [line for line in log_lines if line.get("event") == "run_finished"]
+    assert finished and finished[0]["job"] == "cli-job" and finished[0]["run_id"]
+
+    listed = console("results", job / "out", "--format", "jsonl", cwd=work)
+    assert listed.returncode == 0
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
+    assert "row_number()" in console("results", job / "out", "--sql", cwd=work).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_run")
+def test_run_with_a_schema_module_next_to_the_spec(schema_module_run):
+    work, job, result = schema_module_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = console("results", job / "out", "--format", "jsonl", cwd=work)
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     ok = [row for row in rows if row["status"] == "ok"]
     assert len(rows) == 3 and ok and not [row for row in rows if (row["error_code"] or "").startswith("model.")], rows
