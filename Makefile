@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/tessera run jobs/examples/demo-moderation.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
