@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from local_ray import init_ray
 
 REPO = Path(__file__).resolve().parent.parent
 # The tiny model is built once into the repository's cache and reused across runs.
@@ -32,7 +33,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
 
 

@@ -7,6 +7,7 @@ import json
 
 import duckdb
 import pytest
+from local_ray import init_ray
 
 # One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_local")]
@@ -26,7 +27,7 @@ def moderation_run(sample_corpus, tmp_path_factory, tiny_model_path):
     from schemas.spec import parse_spec
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     manifest = sample_corpus.parent / "manifest-with-duplicate.jsonl"
     lines = sample_corpus.read_text().splitlines()
     # A duplicate id: the first occurrence is processed, the second is only listed.

@@ -25,6 +25,7 @@ from pipeline.decode import TEST_HOOK_PREFIX, TEST_HOOKS_ENV, Shaping
 from pipeline.isolation import IsolatedCaller
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import MediaSpec
+from local_ray import init_ray
 
 SHAPING = Shaping(frame_size=(56, 56))
 GOOD = encode_image(synthetic_image(320, 240, seed=1), "jpeg")
@@ -147,7 +148,7 @@ def test_poison_items_are_error_rows_and_their_neighbours_succeed(tmp_path, make
     )
 
     ray.shutdown()  # a cluster of our own: its workers must see the test-only hook variable
-    ray.init(
+    init_ray(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
         runtime_env={"env_vars": {TEST_HOOKS_ENV: "1"}},
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from s3server import S3Server, credentials_env
+from local_ray import init_ray
 
 BUCKET = "tessera-models"
 
@@ -118,7 +119,7 @@ def test_job_with_model_on_s3(s3_model, make_spec, tmp_path):
     spec = make_spec(manifest, model={"path": uri}, media={"isolation": "none"})
 
     ray.shutdown()  # workers inherit the environment (credentials, endpoint, cache dir) at start
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         summary = run_job(spec)
     finally:

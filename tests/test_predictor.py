@@ -22,6 +22,7 @@ from pipeline.stats import BatchStats
 from schemas.rows import PREPARED_SCHEMA
 from schemas.spec import ModelSpec, TaskSpec
 from schemas.tasks import resolve_task
+from local_ray import init_ray
 
 OOM, ERROR, REASK = (f"{TEST_FAULT_PREFIX}{action}-0" for action in ("oom", "error", "reask"))
 # A short, bounded answer: the tiny model finishes it in a few tokens.
@@ -185,7 +186,7 @@ def test_through_the_pipeline_a_failing_item_is_one_error_row(tmp_path, make_spe
     spec = make_spec(manifest, task={"prompt": "What is it?", "sampling": {"max_new_tokens": 4}}, model={"batch_size": 8})
 
     ray.shutdown()  # a cluster of our own: its workers must see the test-only hook variable
-    ray.init(
+    init_ray(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
         runtime_env={"env_vars": {TEST_HOOKS_ENV: "1"}},
     )

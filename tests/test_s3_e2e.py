@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, credentials_env
+from local_ray import init_ray
 
 # One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("s3_e2e")]
@@ -59,7 +60,7 @@ def s3(sample_corpus, tiny_model_path):
             fs.put(str(sample_corpus.parent), f"{INPUT}/corpus", recursive=True)
             if ray.is_initialized():
                 ray.shutdown()
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
             try:
                 yield server
             finally:

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from local_ray import init_ray
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here (optional extra: tessera[vllm])")
@@ -141,7 +142,7 @@ def test_placement_group_per_replica_holds_its_tensor_parallel_workers():
     from pipeline.graph import Plan, replica_resources
 
     ray.shutdown()
-    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         plan = Plan(replicas=(2, 2), gpus_per_replica=2, cpus_per_replica=1.0, cpu_concurrency=1, rows_per_file=1,
                     shuffle_partitions=2, placement="placement_group")
