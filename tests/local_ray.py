@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import psutil
 
+from ray_head import kill_and_wait
+
 STARTUP_TIMEOUT = "timed out during startup"
 
 
@@ -28,10 +30,4 @@ def init_ray(**kwargs):
 
 
 def _stop_new_children(before: set[int]) -> None:
-    started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
-    for child in started:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(started, timeout=10)
+    kill_and_wait([child for child in psutil.Process().children(recursive=True) if child.pid not in before])

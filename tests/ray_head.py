@@ -25,6 +25,16 @@ import psutil
 VENV_BIN = Path(sys.executable).parent
 
 
+def kill_and_wait(processes: list[psutil.Process], timeout_s: float = 10.0) -> None:
+    """SIGKILL exactly these processes (ones a test started, held by PID) and reap them."""
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=timeout_s)
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct free TCP ports on loopback (held open together so they differ)."""
     sockets = []
@@ -208,13 +218,7 @@ class RayHead:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        left = [p for p in {p.pid: p for p in started + self.our_processes()}.values() if p.is_running()]
-        for proc in left:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        kill_and_wait([p for p in {p.pid: p for p in started + self.our_processes()}.values() if p.is_running()])
         if self.process.poll() is None:
             self.process.wait(10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
