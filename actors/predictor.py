@@ -32,6 +32,7 @@ from schemas.tasks import Task
 # The switch of pipeline/decode.py's test hooks too; production never sets it.
 TEST_HOOKS_ENV = "TESSERA_TEST_HOOKS"
 TEST_FAULT_PREFIX = "tessera-test-fault-"
+SLOW_HOOK_S = 0.25  # per `slow` item: a 32-row block keeps its replica busy for 8 s
 
 
 @dataclass
@@ -226,14 +227,17 @@ def _release_cached_memory() -> None:
 
 def _run_test_hook(chunk: list[_Item], reask: bool) -> None:
     """TEST-ONLY: lets tests make the model really raise for one item of a batch, to prove
-    per-item isolation. Inert unless the environment has TESSERA_TEST_HOOKS=1 *and* a row id
-    in the batch starts with `tessera-test-fault-<action>`: `oom` raises torch's
-    OutOfMemoryError, `error` a RuntimeError, `reask` a RuntimeError on the re-ask only."""
+    per-item isolation, or make a replica slow, to queue work without burning CPU. Inert
+    unless the environment has TESSERA_TEST_HOOKS=1 *and* a row id in the batch starts with
+    `tessera-test-fault-<action>`: `oom` raises torch's OutOfMemoryError, `error` a
+    RuntimeError, `reask` a RuntimeError on the re-ask only, `slow` waits SLOW_HOOK_S first."""
     if os.environ.get(TEST_HOOKS_ENV) != "1":
         return
     for item in chunk:
         row_id = item.row["id"]
         action = row_id[len(TEST_FAULT_PREFIX) :].split("-", 1)[0] if row_id.startswith(TEST_FAULT_PREFIX) else None
+        if action == "slow":
+            time.sleep(SLOW_HOOK_S)
         if action == "oom":
             import torch
 

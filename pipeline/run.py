@@ -107,6 +107,9 @@ def run_job(
     task = resolve_task(spec.task)
     if task.json_schema and (loose := unbounded_paths(task.json_schema)):
         bound.warning("unbounded_schema_paths", paths=loose, hint="bound them or the model may never finish")
+    # A manifest path that matches nothing is a usage error: found before an overwrite
+    # clears the output and before a local Ray cluster starts.
+    files = manifest_files(spec.input, spec.storage)
     committed = prepare_output(spec, redrive=redrive_codes is not None)
     policy = ResumePolicy(
         prompt_sha256=task.prompt_sha256,
@@ -116,7 +119,6 @@ def run_job(
         redrive_codes=redrive_codes,
     )
     address = connect_ray(spec, ray_address)
-    files = manifest_files(spec.input, spec.storage)
     plan = make_plan(spec, manifest_bytes(files, spec))
     write_run_record(spec, run_id, "spec.json", spec.model_dump(mode="json"))
     bound.info(

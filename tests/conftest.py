@@ -11,13 +11,17 @@ import os
 from pathlib import Path
 
 import pytest
-from local_ray import init_ray
+from local_ray import shared_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 # The tiny model is built once into the repository's cache and reused across runs.
 os.environ.setdefault("TESSERA_CACHE_DIR", str(REPO / ".cache" / "tessera-test"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run many short jobs on each cluster. Ray keeps as many idle workers as the node has
+# CPUs and stops the rest after a second idle, so each job started its commit and verify
+# workers again (each importing pyarrow, s3fs, transformers: seconds of CPU on two cores).
+os.environ.setdefault("RAY_num_workers_soft_limit", "6")
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +33,8 @@ def tiny_model_path() -> Path:
 
 @pytest.fixture
 def ray_local():
-    """A local Ray cluster with 2 CPUs (started if none is running; kept for later tests)."""
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield ray
+    """The shared local Ray cluster (2 CPUs; started if none is running; kept for later tests)."""
+    yield shared_cluster()
 
 
 def pytest_sessionfinish(session, exitstatus):

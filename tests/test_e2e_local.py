@@ -7,7 +7,7 @@ import json
 
 import duckdb
 import pytest
-from local_ray import init_ray
+from local_ray import shared_cluster
 
 # One xdist worker runs this whole module: its module-scoped fixtures are costly runs.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_local")]
@@ -21,13 +21,10 @@ EXPECTED_ERRORS = {
 
 @pytest.fixture(scope="module")
 def moderation_run(sample_corpus, tmp_path_factory, tiny_model_path):
-    import ray
-
     from pipeline.run import run_job
     from schemas.spec import parse_spec
 
-    if not ray.is_initialized():
-        init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    shared_cluster()
     manifest = sample_corpus.parent / "manifest-with-duplicate.jsonl"
     lines = sample_corpus.read_text().splitlines()
     # A duplicate id: the first occurrence is processed, the second is only listed.

@@ -25,7 +25,6 @@ from pipeline.decode import TEST_HOOK_PREFIX, TEST_HOOKS_ENV, Shaping
 from pipeline.isolation import IsolatedCaller
 from schemas.errors import ErrorCode, ItemError
 from schemas.spec import MediaSpec
-from local_ray import init_ray
 
 SHAPING = Shaping(frame_size=(56, 56))
 GOOD = encode_image(synthetic_image(320, 240, seed=1), "jpeg")
@@ -124,9 +123,7 @@ def test_a_child_does_not_outlive_its_worker():
 
 
 @pytest.mark.slow
-def test_poison_items_are_error_rows_and_their_neighbours_succeed(tmp_path, make_spec, tiny_model_path):
-    import ray
-
+def test_poison_items_are_error_rows_and_their_neighbours_succeed(tmp_path, make_spec, tiny_model_path, ray_local):
     from pipeline.run import run_job
 
     media = tmp_path / "media"
@@ -147,15 +144,7 @@ def test_poison_items_are_error_rows_and_their_neighbours_succeed(tmp_path, make
         ray={"num_cpus": 2},
     )
 
-    ray.shutdown()  # a cluster of our own: its workers must see the test-only hook variable
-    init_ray(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-        runtime_env={"env_vars": {TEST_HOOKS_ENV: "1"}},
-    )
-    try:
-        summary = run_job(spec)
-    finally:
-        ray.shutdown()
+    summary = run_job(spec)  # on the shared cluster: its workers have the test hooks on
 
     table = pq.read_table(summary["output"]["run_dir"]).to_pylist()
     by_id = {row["id"]: row for row in table}

@@ -116,7 +116,10 @@ def test_job_with_model_on_s3(s3_model, make_spec, tmp_path):
         rows.append(json.dumps({"id": f"img-{index}", "uri": str(media / f"{index}.png")}))
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(rows) + "\n")
-    spec = make_spec(manifest, model={"path": uri}, media={"isolation": "none"})
+    spec = make_spec(
+        manifest, model={"path": uri}, media={"isolation": "none"},
+        task={"prompt": "Describe it.", "sampling": {"max_new_tokens": 8}},  # where the model comes from is the test
+    )
 
     ray.shutdown()  # workers inherit the environment (credentials, endpoint, cache dir) at start
     init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")

@@ -22,7 +22,6 @@ from pipeline.stats import BatchStats
 from schemas.rows import PREPARED_SCHEMA
 from schemas.spec import ModelSpec, TaskSpec
 from schemas.tasks import resolve_task
-from local_ray import init_ray
 
 OOM, ERROR, REASK = (f"{TEST_FAULT_PREFIX}{action}-0" for action in ("oom", "error", "reask"))
 # A short, bounded answer: the tiny model finishes it in a few tokens.
@@ -172,9 +171,8 @@ def test_a_cut_the_reask_fixed_still_counts_as_cut(prepared, model, monkeypatch,
 
 
 @pytest.mark.slow
-def test_through_the_pipeline_a_failing_item_is_one_error_row(tmp_path, make_spec, tiny_model_path):
+def test_through_the_pipeline_a_failing_item_is_one_error_row(tmp_path, make_spec, tiny_model_path, ray_local):
     import pyarrow.parquet as pq
-    import ray
 
     from jobs.sample import encode_image, synthetic_image
     from pipeline.run import run_job
@@ -185,15 +183,7 @@ def test_through_the_pipeline_a_failing_item_is_one_error_row(tmp_path, make_spe
     manifest.write_text("".join(json.dumps({"id": i, "uri": "image.jpg"}) + "\n" for i in ids))
     spec = make_spec(manifest, task={"prompt": "What is it?", "sampling": {"max_new_tokens": 4}}, model={"batch_size": 8})
 
-    ray.shutdown()  # a cluster of our own: its workers must see the test-only hook variable
-    init_ray(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-        runtime_env={"env_vars": {TEST_HOOKS_ENV: "1"}},
-    )
-    try:
-        summary = run_job(spec)
-    finally:
-        ray.shutdown()
+    summary = run_job(spec)  # on the shared cluster: its workers have the test hooks on
     rows = {row["id"]: row for row in pq.read_table(summary["output"]["run_dir"]).to_pylist()}
     assert sorted(rows) == sorted(ids)
     assert summary["errors_by_code"] == {"model.oom": 1, "model.error": 1} and summary["ok"] == 3

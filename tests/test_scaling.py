@@ -3,6 +3,10 @@
 replica runs on CPU): replicas sharded over 2 GPUs each, an autoscaling pool, several nodes.
 Every assertion reads what the run itself reports (summary.json's `replicas`).
 
+The rows are `slow` under the predictor's test hook (each waits SLOW_HOOK_S on its replica,
+then the real model runs): a replica stays busy with a block while the next one queues, on
+any machine load, without the CPU a long real workload would cost.
+
 Each test starts the cluster shape it needs and shuts down exactly that.
 """
 
@@ -14,32 +18,40 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from actors.predictor import TEST_FAULT_PREFIX, TEST_HOOKS_ENV
+from pipeline.graph import PREPARE_BATCH_ROWS
+
 pytestmark = pytest.mark.slow
 
 
-def _manifest(folder: Path, rows: int, images: int = 4, size: tuple[int, int] = (64, 48)) -> Path:
-    """`rows` manifest rows over `images` distinct PNGs (ids are distinct)."""
+SLOW = f"{TEST_FAULT_PREFIX}slow"
+
+
+def _manifest(folder: Path, rows: int, images: int = 4) -> Path:
+    """`rows` slow manifest rows over `images` distinct PNGs (ids are distinct)."""
     media = folder / "media"
     media.mkdir(parents=True, exist_ok=True)
     for index in range(images):
-        width, height = size
-        Image.new("RGB", (width + 16 * index, height), (40 * index % 255, 90, 160)).save(media / f"img-{index}.png")
+        Image.new("RGB", (64 + 16 * index, 48), (40 * index % 255, 90, 160)).save(media / f"img-{index}.png")
     manifest = folder / "manifest.jsonl"
     with manifest.open("w") as out:
         for row in range(rows):
-            out.write(json.dumps({"id": f"row-{row:04d}", "uri": str(media / f"img-{row % images}.png")}) + "\n")
+            out.write(json.dumps({"id": f"{SLOW}-{row:04d}", "uri": str(media / f"img-{row % images}.png")}) + "\n")
     return manifest
 
 
-def _run(make_spec, manifest: Path, model: dict, max_new_tokens: int = 8) -> dict:
+def _run(make_spec, manifest: Path, model: dict) -> dict:
     from pipeline.run import run_job
 
     spec = make_spec(
         manifest,
         model={"path": "builtin:tiny", **model},
-        task={"prompt": "Describe the image.", "sampling": {"max_new_tokens": max_new_tokens}},
+        task={"prompt": "Describe the image.", "sampling": {"max_new_tokens": 4}},
         media={"isolation": "none"},
         output={"rows_per_file": 8},
+        # One decode task keeps up with slow replicas; each more is a worker to start (and to
+        # import transformers in) on a machine with two real cores.
+        ray={"cpu_concurrency": 1},
     )
     summary = run_job(spec)
     assert summary["invariant"]["ok"], summary["invariant"]
@@ -47,11 +59,13 @@ def _run(make_spec, manifest: Path, model: dict, max_new_tokens: int = 8) -> dic
 
 
 @pytest.fixture
-def fresh_ray():
-    """No Ray connection before the test (the shared local cluster is stopped) or after it."""
+def fresh_ray(monkeypatch):
+    """No Ray connection before the test (the shared local cluster is stopped) or after it;
+    the processes the test starts see the test hooks switched on."""
     import ray
 
     ray.shutdown()
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")
     yield ray
     ray.shutdown()
 
@@ -61,11 +75,10 @@ def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_mode
     # Start the pool's two actors before any work, so that both of them get some (else the
     # first one up may finish the few rows of a test before the second has loaded the model).
     monkeypatch.setattr(fresh_ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
-    # Three blocks of 32 rows, one batch in flight per replica: a busy replica takes no second
-    # block while the other is idle (with two in flight, one replica could queue both blocks).
+    # Three blocks of 32 slow rows, one batch in flight per replica: a busy replica takes no
+    # second block while the other is idle (with two in flight, one could queue both blocks).
     summary = _run(
         make_spec, _manifest(tmp_path, rows=96), {"gpus_per_replica": 2, "replicas": 2, "batch_size": 2, "batches_in_flight": 1},
-        max_new_tokens=32,
     )
 
     assert summary["processed"] == summary["ok"] == 96
@@ -80,17 +93,17 @@ def test_two_replicas_of_two_gpus_each(fresh_ray, make_spec, tmp_path, tiny_mode
 
 def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path, tiny_model_path):
     fresh_ray.init(address="local", num_cpus=6, num_gpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    # Enough work that one replica falls behind the CPU stage for longer than a new replica
-    # takes to start (tens of seconds on a loaded 2-core machine: a fresh worker imports torch
-    # and loads the model): larger images (more tiles), longer answers, many rows.
+    # Eight blocks of 32 slow rows (8 s each on a replica), two in flight per replica: the
+    # queue is deep at once (Ray Data adds a replica when in-flight blocks reach 1.75 per
+    # replica), and the first replica alone would be busy for over a minute, longer than a new
+    # one takes to start on a loaded 2-core machine (a fresh worker imports torch, loads the model).
     summary = _run(
         make_spec,
-        _manifest(tmp_path, rows=800, size=(300, 200)),
-        {"gpus_per_replica": 1, "replicas": [1, 3], "batch_size": 4, "batches_in_flight": 4},
-        max_new_tokens=64,
+        _manifest(tmp_path, rows=8 * PREPARE_BATCH_ROWS),
+        {"gpus_per_replica": 1, "replicas": [1, 3], "batch_size": 4, "batches_in_flight": 2},
     )
 
-    assert summary["processed"] == 800
+    assert summary["processed"] == 8 * PREPARE_BATCH_ROWS
     assert tuple(summary["plan"]["replicas"]) == (1, 3)
     # Started with one replica; the queue made Ray Data add at least one more. (Over a run the
     # pool may also shrink when the queue drains and grow again: the summary counts every
@@ -99,12 +112,13 @@ def test_autoscaling_pool_grows_with_queued_work(fresh_ray, make_spec, tmp_path,
     assert all(len(entry["gpu_ids"]) == 1 and entry["gpu_ids"][0] in {"0", "1", "2"} for entry in summary["replicas"].values())
 
 
-def test_multi_node_cluster_spreads_replicas(make_spec, tmp_path, tiny_model_path):
+def test_multi_node_cluster_spreads_replicas(make_spec, tmp_path, tiny_model_path, monkeypatch):
     import ray
     import ray.data
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
+    monkeypatch.setenv(TEST_HOOKS_ENV, "1")  # the nodes' processes inherit it when they start
     waited = ray.data.DataContext.get_current().wait_for_min_actors_s
     cluster = Cluster(
         initialize_head=True,
@@ -116,10 +130,7 @@ def test_multi_node_cluster_spreads_replicas(make_spec, tmp_path, tiny_model_pat
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
         context = ray.data.DataContext.get_current()
         waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
-        summary = _run(
-            make_spec, _manifest(tmp_path, rows=48), {"gpus_per_replica": 1, "replicas": 2, "batch_size": 2},
-            max_new_tokens=32,
-        )
+        summary = _run(make_spec, _manifest(tmp_path, rows=48), {"gpus_per_replica": 1, "replicas": 2, "batch_size": 2})
         worker_ids = {node.node_id for node in workers}
     finally:
         ray.data.DataContext.get_current().wait_for_min_actors_s = waited

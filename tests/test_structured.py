@@ -118,16 +118,6 @@ def test_truncation_reasks_then_errors_with_raw_text(small_corpus, make_spec, ra
         assert "cut at the token limit" in message
 
 
-def test_free_text_task_has_no_output(small_corpus, make_spec, ray_local):
-    from pipeline.run import run_job
-
-    spec = make_spec(small_corpus, task={"prompt": "What is this?", "sampling": {"max_new_tokens": 8}})
-    summary = run_job(spec)
-    assert summary["ok"] == 5
-    rows = duckdb.sql(f"SELECT output, output_json, raw_text FROM {_results(summary)}").fetchall()
-    assert all(o is None and j is None and isinstance(t, str) for o, j, t in rows)
-
-
 def test_prompt_sha256_tracks_what_decides_the_answer():
     base = resolve_task(TaskSpec(preset="moderation"))
     assert base.prompt_sha256 == resolve_task(TaskSpec(preset="moderation")).prompt_sha256
