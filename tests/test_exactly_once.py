@@ -237,16 +237,16 @@ def test_error_budget_stops_the_run_and_a_rerun_resumes(tmp_path, make_spec, ray
     from pipeline.run import run_job
     from pipeline.stats import ErrorBudgetExceeded
 
-    manifest = write_corpus(tmp_path / "corpus", 0, missing=600)
+    manifest = write_corpus(tmp_path / "corpus", 0, missing=1500)
     spec = make_spec(
-        manifest, task=free_text(), output={"max_error_rate": 0.2, "error_rate_window": 200, "rows_per_file": 50}
+        manifest, task=free_text(), output={"max_error_rate": 0.2, "error_rate_window": 1000, "rows_per_file": 250}
     )
     with pytest.raises(ErrorBudgetExceeded, match=r"most of them fetch\.not_found"):
         run_job(spec)
     kept = committed_rows(Path(spec.output.path))
-    assert kept >= 200  # what was committed before the stop is kept
-    rerun = run_job(make_spec(manifest, task=free_text(), output={"rows_per_file": 50}))
-    assert rerun["skipped"] == kept and rerun["processed"] == 600 - kept
+    assert kept >= 1000  # what was committed before the stop is kept
+    rerun = run_job(make_spec(manifest, task=free_text(), output={"rows_per_file": 250}))
+    assert rerun["skipped"] == kept and rerun["processed"] == 1500 - kept
     assert rerun["invariant"]["ok"]
 
 

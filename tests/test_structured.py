@@ -23,7 +23,7 @@ def small_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("structured")
     rows = []
-    for index, (size, fmt) in enumerate([((640, 480), "jpeg"), ((300, 500), "png"), ((1280, 720), "webp")]):
+    for index, (size, fmt) in enumerate([((320, 240), "jpeg"), ((150, 250), "png"), ((640, 360), "webp")]):
         path = root / f"img{index}.{fmt}"
         path.write_bytes(encode_image(synthetic_image(*size, seed=index), fmt))
         rows.append({"id": f"img{index}", "uri": path.name, "context": f"listing {index}"})
