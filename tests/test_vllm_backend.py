@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -159,6 +160,7 @@ def test_placement_group_per_replica_holds_its_tensor_parallel_workers():
                 self.actor = ray.get_runtime_context().get_actor_id()
 
             def __call__(self, batch):
+                time.sleep(0.5)  # stands in for generation: a busy replica leaves the next block to the other
                 gpus = sorted(str(g) for _, ids in self.workers for g in ids)
                 return {"actor": [self.actor] * len(batch["id"]), "group": [self.group] * len(batch["id"]),
                         "gpus": [",".join(gpus)] * len(batch["id"])}
@@ -177,8 +179,8 @@ def test_placement_group_per_replica_holds_its_tensor_parallel_workers():
     replicas = {row["actor"]: (row["group"], row["gpus"]) for row in rows}
     groups = {group for group, _ in replicas.values()}
     assert None not in groups and len(groups) == len(replicas)  # a group per replica
-    # Both replicas start before any work (wait_for_min_actors_s) and 16 one-row batches
-    # spread over the least-loaded actors: each replica takes some.
+    # Both replicas start before any work (wait_for_min_actors_s) and 16 one-row batches of
+    # half a second each spread over the least-loaded actors: each replica takes some.
     assert len(replicas) == 2
     held = [set(gpus.split(",")) for _, gpus in replicas.values()]
     assert all(len(gpus) == 2 for gpus in held)  # two workers, two GPUs, inside the group
