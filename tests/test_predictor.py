@@ -112,6 +112,25 @@ def by_id(table: pa.Table) -> dict[str, dict]:
     return {row["id"]: row for row in table.to_pylist()}
 
 
+def test_the_model_loads_on_the_first_row_for_it_and_fails_the_block_when_it_cannot(prepared, tmp_path):
+    from dataclasses import replace
+
+    predictor = Predictor(prepared.model, ModelSpec(path="builtin:tiny"), resolve_task(TaskSpec(prompt="What is it?")))
+    errors = prepared(["failed-0", "failed-1"]).to_pylist()
+    for row in errors:
+        row.update(error_code="fetch.not_found", error_message="gone", model_inputs=None)
+    out = predictor(pa.Table.from_pylist(errors, schema=PREPARED_SCHEMA)).to_pylist()
+    assert [row["error_code"] for row in out] == ["fetch.not_found"] * 2
+    assert predictor._backend is None  # only error rows so far: nothing loaded
+    row = predictor(prepared(["good"])).to_pylist()[0]
+    assert row["error_code"] is None and row["raw_text"] is not None and predictor._backend is not None
+
+    # A checkpoint that does not load fails the block (the job), not each row as model.error.
+    broken = Predictor(replace(prepared.model, uri=str(tmp_path), path=str(tmp_path)), ModelSpec(path="builtin:tiny"), predictor.task)
+    with pytest.raises(ValueError, match="Unrecognized processing class"):
+        broken(prepared(["good"]))
+
+
 def test_an_item_that_fails_the_batch_fails_alone(prepared, model, monkeypatch):
     monkeypatch.setenv(TEST_HOOKS_ENV, "1")
     rows = prepared(["good-0", OOM, "good-1", ERROR, "good-2", "unreadable", "failed-before"]).to_pylist()
