@@ -104,9 +104,10 @@ class Predictor:
             return None
 
     def _chunks(self, items: list[_Item], max_new_tokens: int) -> list[list[_Item]]:
-        # Outside _generate_isolated: a model that does not load fails the job, not each row.
         if not items:
             return []
+        # The first use of self.backend loads the model: here, outside _generate_isolated, so a
+        # model that does not load fails the job instead of each row as model.error.
         if getattr(self.backend, "schedules_itself", False):
             return [items]  # e.g. vLLM: it batches and schedules by itself
         return token_budget_chunks(items, self.model_spec, max_new_tokens)
